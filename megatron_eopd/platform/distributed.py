@@ -1,0 +1,145 @@
+"""Start torch.distributed and Megatron-Core model parallelism with one calling code on GPU and CPU.
+
+On a machine with CUDA devices this uses NCCL and binds each rank to its local GPU.  Without them it
+uses gloo and switches on :mod:`megatron_eopd.platform.cpu_compat`.  Rank information comes from
+torchrun's environment, else from Slurm's (``srun`` without torchrun), else a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Platform:
+    device: torch.device
+    backend: str
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+_platform: Optional[Platform] = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, else Slurm, else a lone process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return (
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return (
+            int(os.environ["SLURM_PROCID"]),
+            int(os.environ["SLURM_NTASKS"]),
+            int(os.environ.get("SLURM_LOCALID", 0)),
+        )
+    return 0, 1, 0
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was requested but torch sees no CUDA device")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Platform:
+    """Initialise the default process group (idempotent) and return the platform description."""
+    global _platform
+    if _platform is not None:
+        return _platform
+    rank, world_size, local_rank = _rank_env()
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+        backend = "nccl"
+    else:
+        from megatron_eopd.platform import cpu_compat
+
+        cpu_compat.enable()
+        backend = "gloo"
+        # Ranks share the machine's cores; oversubscribing threads slows every rank down.
+        if world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if world_size == 1:
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif "MASTER_PORT" not in os.environ:
+        raise RuntimeError("MASTER_PORT must be set for a multi-rank launch (torchrun sets it)")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    _platform = Platform(dev, backend, rank, world_size, local_rank)
+    return _platform
+
+
+def current_platform() -> Platform:
+    if _platform is None:
+        raise RuntimeError("init_distributed() has not been called")
+    return _platform
+
+
+def init_model_parallel(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 1234,
+) -> None:
+    """(Re)build Megatron's model-parallel groups and its RNG tracker for the given layout."""
+    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+
+    platform = current_platform()
+    if platform.world_size % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {platform.world_size} is not divisible by TP*PP = "
+            f"{tensor_parallel}*{pipeline_parallel}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+    )
+    mcore_tp.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def shutdown() -> None:
+    global _platform
+    destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _platform = None
