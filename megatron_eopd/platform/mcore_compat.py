@@ -1,0 +1,70 @@
+"""The one place that knows about differences between Megatron-Core releases (0.16 - 0.19).
+
+Callers ask for what they need (a layer spec, a config) and this module adapts to the installed
+version.  Keep it small: add a shim only when a difference actually bites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import inspect
+import warnings
+from typing import Any
+
+
+@functools.lru_cache(maxsize=None)
+def have_transformer_engine() -> bool:
+    """True when transformer-engine imports (optional accelerator, never required)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken TE install is the same as none
+        return False
+    return True
+
+
+def _call_with_supported_kwargs(fn, **kwargs):
+    accepted = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def gpt_layer_spec(*, use_te: bool, qk_layernorm: bool = True, normalization: str = "RMSNorm"):
+    """Megatron's GPT layer spec: transformer-engine modules or the local (pure Megatron) ones."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return _call_with_supported_kwargs(
+            gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec, qk_layernorm=qk_layernorm
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Apex is not installed. Falling back to Torch Norm"
+        return _call_with_supported_kwargs(
+            gpt_layer_specs.get_gpt_layer_local_spec,
+            qk_layernorm=qk_layernorm,
+            normalization=normalization,
+        )
+
+
+def transformer_config(**kwargs: Any):
+    """``TransformerConfig(**kwargs)`` minus fields this release does not define.
+
+    Fields that only tune fusions come and go between releases; dropping an unknown one is safe.
+    Fields that change the maths must exist, so those are checked.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    required = {"num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                "ffn_hidden_size", "normalization", "qk_layernorm", "gated_linear_unit"}
+    missing = sorted((required & set(kwargs)) - known)
+    if missing:
+        raise RuntimeError(f"this megatron-core lacks TransformerConfig fields {missing}")
+    return TransformerConfig(**{k: v for k, v in kwargs.items() if k in known})
+
+
+def layer_global_index(layer) -> int:
+    """0-based global index of a ``TransformerLayer`` (its ``layer_number`` is 1-based and global)."""
+    return int(layer.layer_number) - 1
