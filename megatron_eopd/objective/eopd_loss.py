@@ -1,0 +1,290 @@
+"""The EOPD objective on vocab-sharded student logits (SPEC.md; paper.md sections 1.2-1.6).
+
+Per valid response token t (q: student, q_old: student at rollout / before the update, p: teacher):
+
+    A_t     = stopgrad(log p(y_t) - log q_old(y_t))
+    r_t     = exp(log q(y_t) - log q_old(y_t))
+    L_rkl   = max(-r_t A_t, -clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
+    L_fkl   = Σ_{v in top-k(p)} p~(v) (log p~(v) - log q(v))    p~: teacher renormalised on its top-k,
+                                                                 log q: FULL-vocabulary log-softmax
+    L_t     = L_rkl + alpha * g(H_t) * L_fkl                       g(H) = 1[H > tau] (hard gate)
+    loss    = Σ_valid L_t / N                                      N = all valid tokens
+
+Options (``EOPDLossConfig``): exact full-vocabulary FKL or analytic reverse KL instead of the
+sampled terms (these take the teacher's logit shards), either term off (OPD baseline = FKL off,
+or tau = +inf), soft gates, temperatures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .teacher_stats import TeacherTokenStats, compute_teacher_stats
+from .vocab_parallel import compute_dtype, vocab_parallel_token_terms
+
+GATES = ("hard", "ramp", "sigmoid")
+FKL_MODES = ("topk", "full", "off")
+RKL_MODES = ("sampled_pg", "analytic", "off")
+
+
+@dataclasses.dataclass
+class EOPDLossConfig:
+    """Settings of :func:`eopd_loss`; defaults are the paper's EOPD.
+
+    gate: "hard" is 1[H > tau]; "ramp" rises linearly from 0 at tau - gate_width/2 to 1 at
+    tau + gate_width/2; "sigmoid" is sigmoid((H - tau) / gate_width).  Both soft gates are 1/2
+    at H = tau and tend to the hard gate as gate_width -> 0.
+    fkl_mode: "topk" (paper), "full" (exact KL(p||q), needs teacher logits), "off" (OPD).
+    rkl_mode: "sampled_pg" (paper: PPO-clipped sampled-token policy gradient), "analytic"
+    (exact KL(q||p), needs teacher logits), "off" (FKL-only).
+    chunk_tokens: tokens upcast to fp32 at a time (None: about 4M vocabulary entries).
+    """
+
+    tau: float = 0.8
+    alpha: float = 1.0
+    topk: int = 16
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    gate: str = "hard"
+    gate_width: float = 0.2
+    fkl_mode: str = "topk"
+    rkl_mode: str = "sampled_pg"
+    teacher_temperature: float = 1.0
+    student_temperature: float = 1.0
+    chunk_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        if math.isnan(self.tau):
+            raise ValueError("tau must be a number (+inf turns the FKL term off), got nan")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"alpha must be finite and >= 0, got {self.alpha}")
+        if int(self.topk) != self.topk or self.topk < 1:
+            raise ValueError(f"topk must be a positive integer, got {self.topk}")
+        if not 0 <= self.clip_eps_low < 1:
+            raise ValueError(f"clip_eps_low must be in [0, 1), got {self.clip_eps_low}")
+        if not (math.isfinite(self.clip_eps_high) and self.clip_eps_high >= 0):
+            raise ValueError(f"clip_eps_high must be finite and >= 0, got {self.clip_eps_high}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if not (math.isfinite(self.gate_width) and self.gate_width > 0):
+            raise ValueError(f"gate_width must be finite and > 0, got {self.gate_width}")
+        if self.fkl_mode not in FKL_MODES:
+            raise ValueError(f"fkl_mode must be one of {FKL_MODES}, got {self.fkl_mode!r}")
+        if self.rkl_mode not in RKL_MODES:
+            raise ValueError(f"rkl_mode must be one of {RKL_MODES}, got {self.rkl_mode!r}")
+        if self.fkl_mode == "off" and self.rkl_mode == "off":
+            raise ValueError("fkl_mode and rkl_mode are both 'off': the loss would be empty")
+        for name in ("teacher_temperature", "student_temperature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be None or >= 1, got {self.chunk_tokens}")
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        """Whether the exact full-vocabulary options are on (they need teacher logit shards)."""
+        return self.fkl_mode == "full" or self.rkl_mode == "analytic"
+
+
+def entropy_gate(teacher_entropy: Tensor, config: EOPDLossConfig) -> Tensor:
+    """Per-token FKL weight g(H) in [0, 1] (see :class:`EOPDLossConfig`)."""
+    if config.gate == "hard":
+        return (teacher_entropy > config.tau).to(teacher_entropy.dtype)
+    scaled = (teacher_entropy - config.tau) / config.gate_width
+    if config.gate == "ramp":
+        return (scaled + 0.5).clamp(0.0, 1.0)
+    return torch.sigmoid(scaled)
+
+
+def _mean(values: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Weighted mean that is 0 (not NaN) over an empty selection."""
+    values = values.detach()
+    if weights is None:
+        return values.sum() / max(values.numel(), 1)
+    return (values * weights).sum() / weights.sum().clamp_min(1)
+
+
+def eopd_loss(
+    student_logits: Tensor,
+    sampled_ids: Tensor,
+    response_mask: Tensor,
+    teacher: Optional[TeacherTokenStats] = None,
+    *,
+    old_logprobs: Optional[Tensor] = None,
+    config: Optional[EOPDLossConfig] = None,
+    group: Any = None,
+    teacher_logits: Optional[Tensor] = None,
+    vocab_start: Optional[int] = None,
+    true_vocab_size: Optional[int] = None,
+    num_valid_tokens: Union[int, float, Tensor, None] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """EOPD loss of vocab-sharded student logits, replicated on every rank of the TP ``group``.
+
+    Args:
+        student_logits: [..., V/TP] this rank's vocabulary shard (any float dtype; upcast per chunk).
+        sampled_ids: [...] global ids y_t of the sampled tokens.
+        response_mask: [...] bool/0-1, which tokens count.
+        teacher: statistics from :func:`compute_teacher_stats` (same tokens); may be omitted when
+            ``teacher_logits`` are given, and is then computed here.
+        old_logprobs: [...] log q_old(y_t) at the student temperature; None means the current
+            policy detached (on-policy, r_t = 1).
+        group: TP process group the vocabulary is sharded over (None: no TP).
+        teacher_logits: [..., V/TP] teacher shard, same partition; needed by fkl_mode="full" and
+            rkl_mode="analytic".
+        vocab_start: global id of this shard's first column (default: TP rank * V/TP).
+        true_vocab_size: ids at or beyond it are padding and are excluded everywhere.
+        num_valid_tokens: the normaliser N, e.g. the valid-token count of the whole global batch
+            when micro-batches or DP ranks are summed; default: this call's mask sum.
+
+    Returns:
+        (loss, metrics): a scalar whose gradient reaches ``student_logits`` only, and detached
+        scalar diagnostics.  Diagnostics are exact over the TP group (identical on its ranks)
+        and are means over this call's valid tokens (reduce over DP yourself, weighting by
+        ``num_valid_tokens``).
+    """
+    config = EOPDLossConfig() if config is None else config
+    vocab_shard = student_logits.shape[-1]
+    logits = student_logits.reshape(-1, vocab_shard)
+    tokens = logits.shape[0]
+    ids = sampled_ids.reshape(-1).to(torch.int64)
+    mask = response_mask.reshape(-1)
+    if ids.numel() != tokens or mask.numel() != tokens:
+        raise ValueError(
+            f"sampled_ids ({ids.numel()}) and response_mask ({mask.numel()}) must have one entry per"
+            f" token of the logits ({tokens})"
+        )
+    if config.needs_teacher_logits and teacher_logits is None:
+        raise ValueError(
+            f"fkl_mode={config.fkl_mode!r} / rkl_mode={config.rkl_mode!r} need teacher_logits shards"
+        )
+    teacher_shard = None if teacher_logits is None else teacher_logits.reshape(-1, vocab_shard)
+    shard_kwargs = dict(vocab_start=vocab_start, true_vocab_size=true_vocab_size, chunk_tokens=config.chunk_tokens)
+    if teacher is None:
+        if teacher_shard is None:
+            raise ValueError("pass teacher statistics or teacher_logits")
+        teacher = compute_teacher_stats(
+            teacher_shard,
+            ids,
+            group,
+            topk=config.topk if config.fkl_mode == "topk" else 0,
+            response_mask=mask,
+            temperature=config.teacher_temperature,
+            **shard_kwargs,
+        )
+    if teacher.num_tokens != tokens:
+        raise ValueError(f"teacher statistics cover {teacher.num_tokens} tokens, the logits {tokens}")
+    if teacher.temperature != config.teacher_temperature:
+        raise ValueError(
+            f"teacher statistics were computed at temperature {teacher.temperature}, the config says"
+            f" {config.teacher_temperature}"
+        )
+    if config.fkl_mode == "topk" and teacher.topk < config.topk:
+        raise ValueError(f"fkl_mode='topk' with topk={config.topk} needs teacher top-{config.topk}, got {teacher.topk}")
+
+    rows = mask.nonzero().view(-1)
+    dtype = compute_dtype(logits.dtype)
+    stats = teacher.select(rows)
+    k = min(config.topk, stats.topk)
+    gather_ids = ids.index_select(0, rows).unsqueeze(1)
+    if k:
+        gather_ids = torch.cat([gather_ids, stats.topk_ids[:, :k]], dim=1)
+    terms = vocab_parallel_token_terms(
+        logits,
+        gather_ids,
+        group,
+        rows=rows,
+        teacher_logits=teacher_shard if config.needs_teacher_logits else None,
+        want_entropy=True,
+        want_forward_kl=config.fkl_mode == "full",
+        want_reverse_kl=config.rkl_mode == "analytic",
+        temperature=config.student_temperature,
+        teacher_temperature=config.teacher_temperature,
+        **shard_kwargs,
+    )
+    logq_sampled = terms.logprobs[:, 0]
+    teacher_entropy = stats.entropy.to(dtype)
+    teacher_logp_sampled = stats.sampled_logprob.to(dtype)
+
+    # Reverse-KL term.
+    clip_active = None
+    if config.rkl_mode == "sampled_pg":
+        if old_logprobs is None:
+            logq_old = logq_sampled.detach()
+        else:
+            logq_old = old_logprobs.reshape(-1).index_select(0, rows).to(dtype)
+        advantage = (teacher_logp_sampled - logq_old).detach()
+        ratio = torch.exp(logq_sampled - logq_old)
+        unclipped = -ratio * advantage
+        clipped = -ratio.clamp(1.0 - config.clip_eps_low, 1.0 + config.clip_eps_high) * advantage
+        rkl_per_token = torch.maximum(unclipped, clipped)
+        clip_active = (clipped > unclipped).to(dtype)
+    elif config.rkl_mode == "analytic":
+        rkl_per_token = terms.reverse_kl
+    else:
+        rkl_per_token = logq_sampled.new_zeros(rows.numel())
+
+    # Forward-KL term (computed for the diagnostics even when it is off, if top-k is at hand).
+    fkl_per_token = None
+    topk_mass = None
+    if config.fkl_mode == "full":
+        fkl_per_token = terms.forward_kl
+    elif k:
+        teacher_topk_logp = stats.topk_logprobs[:, :k].to(dtype)
+        topk_mass = teacher_topk_logp.exp().sum(dim=-1)
+        renorm_logp = teacher_topk_logp - teacher_topk_logp.logsumexp(dim=-1, keepdim=True)
+        renorm_p = renorm_logp.exp()
+        student_topk_logq = terms.logprobs[:, 1 : 1 + k]
+        if config.fkl_mode == "off":
+            student_topk_logq = student_topk_logq.detach()
+        # p~ = 0 entries (top-k reaching -inf logits) contribute 0, not 0 * inf.
+        pointwise = torch.where(renorm_p > 0, renorm_p * (renorm_logp - student_topk_logq), 0.0)
+        fkl_per_token = pointwise.sum(dim=-1)
+
+    gate = entropy_gate(teacher_entropy, config)
+    loss_per_token = rkl_per_token
+    fkl_weighted = None
+    if config.fkl_mode != "off":
+        # Exactly 0 on ungated tokens, even where the FKL is infinite (tau = +inf is exactly OPD).
+        fkl_weighted = torch.where(gate > 0, config.alpha * gate * fkl_per_token, 0.0)
+        loss_per_token = loss_per_token + fkl_weighted
+
+    if num_valid_tokens is None:
+        normaliser = float(rows.numel())
+    elif isinstance(num_valid_tokens, Tensor):
+        normaliser = num_valid_tokens.detach().to(dtype)
+    else:
+        normaliser = float(num_valid_tokens)
+    if isinstance(normaliser, Tensor):
+        normaliser = normaliser.clamp_min(1.0)
+    else:
+        normaliser = max(normaliser, 1.0)
+    loss = loss_per_token.sum() / normaliser
+
+    above_tau = (teacher_entropy > config.tau).to(dtype)
+    zero = loss.new_zeros(()).detach()
+    metrics = {
+        "loss": loss.detach(),
+        "loss_rkl": (rkl_per_token.detach().sum() / normaliser),
+        "loss_fkl": zero if fkl_weighted is None else fkl_weighted.detach().sum() / normaliser,
+        "num_valid_tokens": torch.tensor(float(rows.numel()), dtype=dtype, device=loss.device),
+        "teacher_entropy": _mean(teacher_entropy),
+        "student_entropy": _mean(terms.entropy),
+        "gate_fraction": _mean(above_tau),
+        "gate_weight": _mean(gate),
+        "rkl_estimate": _mean(logq_sampled - teacher_logp_sampled),
+        "clip_fraction": zero if clip_active is None else _mean(clip_active),
+    }
+    if fkl_per_token is not None:
+        metrics["fkl_gated"] = _mean(fkl_per_token, above_tau)
+        metrics["fkl_mean"] = _mean(fkl_per_token)
+    if topk_mass is not None:
+        metrics["teacher_topk_mass"] = _mean(topk_mass)
+    if config.rkl_mode == "analytic":
+        metrics["rkl_exact"] = _mean(terms.reverse_kl)
+    return loss, metrics

@@ -1,0 +1,541 @@
+"""Full-vocabulary statistics of logits that are sharded over the vocabulary across a TP group.
+
+Tensor-parallel rank r holds the columns ``[vocab_start, vocab_start + V/TP)`` of the logits of
+every token.  Each statistic here is a per-token reduction over the vocabulary, so it needs only a
+few per-token collectives and never a gather of full-vocabulary logits:
+
+* global max (one all-reduce MAX), then every sum over the vocabulary that a chunk of tokens
+  needs -- sum of exp, entropy numerator, KL numerators, logits picked at global ids -- packed
+  into ONE all-reduce SUM;
+* global top-k: local top-k -> all-gather of (value, global id) -> re-top-k.
+
+Gradient convention: every per-token output is *replicated* (identical on all TP ranks), so
+everything downstream of it (the loss) is too.  The gradient a rank returns for its shard is the
+derivative of that one loss with respect to its own columns; the backward of the all-reduce SUM
+is therefore the identity and the backward pass needs no communication at all (as in
+Megatron-Core's ``_VocabParallelCrossEntropy``).  Never feed these outputs into per-rank partial
+sums that are added up later: that is the other convention (ModelOpt's) and mixes wrongly.
+
+Memory: logits are read chunk by chunk (``chunk_tokens`` rows at a time), upcast to fp32 (or kept
+in fp64), and dropped; backward recomputes the softmax per chunk instead of saving it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# After subtracting the global max, -inf logits are clamped to this: exp() of it is exactly 0 in
+# fp32 and fp64, and 0 * it stays 0, where 0 * -inf would be NaN.
+NEG_LARGE = -1e30
+# Default chunk: about 4M vocabulary entries (16 MiB per fp32 temporary).
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def tp_size_and_rank(group: Any) -> tuple[int, int]:
+    """(size, rank) of ``group``; ``None`` (or no initialised process group) means no TP."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabShard:
+    """Which global vocabulary ids this rank's logits columns hold."""
+
+    group: Any
+    tp_size: int
+    tp_rank: int
+    start: int
+    size: int
+    true_vocab_size: Optional[int] = None
+
+    @classmethod
+    def of(
+        cls,
+        logits: Tensor,
+        group: Any = None,
+        vocab_start: Optional[int] = None,
+        true_vocab_size: Optional[int] = None,
+    ) -> "VocabShard":
+        tp_size, tp_rank = tp_size_and_rank(group)
+        if tp_size == 1:
+            group = None
+        size = logits.shape[-1]
+        start = tp_rank * size if vocab_start is None else int(vocab_start)
+        if true_vocab_size is not None and true_vocab_size < 1:
+            raise ValueError(f"true_vocab_size must be >= 1, got {true_vocab_size}")
+        return cls(group, tp_size, tp_rank, start, size, true_vocab_size)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of real (non-padded) vocabulary ids over all shards, assuming equal shards."""
+        padded = self.size * self.tp_size
+        return padded if self.true_vocab_size is None else min(padded, self.true_vocab_size)
+
+    def padded_columns(self, device: torch.device) -> Optional[Tensor]:
+        """Bool mask of local columns whose global id is padding (>= true vocab size), or None."""
+        if self.true_vocab_size is None or self.end <= self.true_vocab_size:
+            return None
+        return torch.arange(self.start, self.end, device=device) >= self.true_vocab_size
+
+    def chunk_rows(self, chunk_tokens: Optional[int]) -> int:
+        if chunk_tokens is None:
+            return max(1, DEFAULT_CHUNK_ELEMENTS // max(self.size, 1))
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        return int(chunk_tokens)
+
+
+# --------------------------------------------------------------------------- chunk helpers
+
+
+def _load_chunk(logits: Tensor, rows: Tensor, temperature: float, pad: Optional[Tensor]) -> Tensor:
+    """This chunk's rows as a fresh fp32/fp64 tensor, divided by the temperature, padding at -inf."""
+    x = logits.index_select(0, rows).to(compute_dtype(logits.dtype))
+    if temperature != 1.0:
+        x.div_(temperature)
+    if pad is not None:
+        x.masked_fill_(pad, float("-inf"))
+    return x
+
+
+def _shift_by_global_max_(chunks: list[Tensor], shard: VocabShard) -> Tensor:
+    """Subtract each tensor's per-token global max in place; return the maxima [c, len(chunks)].
+
+    After the shift -inf entries are clamped to NEG_LARGE (see there).
+    """
+    maxima = torch.stack([x.amax(dim=-1) for x in chunks], dim=1)
+    if shard.group is not None:
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=shard.group)
+    # A row that is -inf everywhere has no distribution; keep it from turning into NaN here.
+    maxima = torch.where(torch.isfinite(maxima), maxima, torch.zeros_like(maxima))
+    for i, x in enumerate(chunks):
+        x.sub_(maxima[:, i : i + 1]).clamp_(min=NEG_LARGE)
+    return maxima
+
+
+def _local_columns(ids: Tensor, shard: VocabShard) -> tuple[Tensor, Tensor]:
+    """(local column of each global id, clamped into range; whether this rank owns the id)."""
+    owned = (ids >= shard.start) & (ids < shard.end)
+    local = (ids - shard.start).clamp(0, shard.size - 1)
+    return local, owned
+
+
+def _pick_owned(x: Tensor, ids: Tensor, shard: VocabShard) -> Tensor:
+    """x at global ids where this rank owns them, else 0: the all-reduce SUM completes it."""
+    local, owned = _local_columns(ids, shard)
+    return x.gather(1, local).masked_fill_(~owned, 0.0)
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row dot product without a [rows, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _restore_neg_inf(x: Tensor) -> Tensor:
+    """Values that came from clamped -inf logits are -inf again."""
+    return x.masked_fill(x <= NEG_LARGE / 2, float("-inf"))
+
+
+def _all_reduce_sum_(x: Tensor, shard: VocabShard) -> Tensor:
+    if shard.group is not None:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=shard.group)
+    return x
+
+
+# --------------------------------------------------------------------------- top-k
+
+
+def _order_by_value_then_id(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each row by value descending, ties by global id ascending (a total, rank-free order)."""
+    by_id = ids.argsort(dim=-1)
+    values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
+    by_value = values.argsort(dim=-1, descending=True, stable=True)
+    return values.gather(-1, by_value), ids.gather(-1, by_value)
+
+
+def _local_topk(x: Tensor, k: int, shard: VocabShard) -> tuple[Tensor, Tensor]:
+    """Deterministic top-min(k, V/TP) of a chunk: among equal values the lowest global ids win.
+
+    ``torch.topk`` picks an arbitrary subset of values tied at the k-th place; rows with such ties
+    are redone exactly (rare with real logits; certain for k beyond the finite entries).
+    """
+    kk = min(k, x.shape[1])
+    values, cols = x.topk(kk, dim=-1, sorted=False)
+    kth = values.amin(dim=-1, keepdim=True)
+    tied_rows = ((x >= kth).sum(dim=-1) > kk).nonzero().view(-1)
+    if tied_rows.numel():
+        xt, kt = x.index_select(0, tied_rows), kth.index_select(0, tied_rows)
+        above, at = xt > kt, xt == kt
+        need = kk - above.sum(dim=-1, keepdim=True)
+        take = above | (at & (at.cumsum(dim=-1) <= need))
+        tied_cols = take.nonzero()[:, 1].view(-1, kk)  # row-major: lowest columns first
+        cols[tied_rows] = tied_cols
+        values[tied_rows] = xt.gather(1, tied_cols)
+    return _order_by_value_then_id(values, cols + shard.start)
+
+
+def _global_topk(values: Tensor, ids: Tensor, k: int, shard: VocabShard) -> tuple[Tensor, Tensor]:
+    """Merge every rank's local top-k: all-gather (value, id) pairs, re-select the top k."""
+    if shard.group is None:
+        return values[:, :k], ids[:, :k]
+    # One collective: fp64 holds fp32/fp64 values and ids < 2**53 exactly.
+    packed = torch.stack([values.double(), ids.double()], dim=-1)
+    gathered = [torch.empty_like(packed) for _ in range(shard.tp_size)]
+    dist.all_gather(gathered, packed, group=shard.group)
+    candidates = torch.cat(gathered, dim=1)
+    all_values = candidates[..., 0].to(values.dtype)
+    all_ids = candidates[..., 1].to(torch.int64)
+    all_values, all_ids = _order_by_value_then_id(all_values, all_ids)
+    return all_values[:, :k], all_ids[:, :k]
+
+
+# --------------------------------------------------------------------------- no-grad scan
+
+
+class DistributionSummary(NamedTuple):
+    """Per-token statistics of one vocab-sharded distribution (replicated on every TP rank)."""
+
+    max: Tensor  # [T] global max of logits / temperature
+    log_z: Tensor  # [T] log partition function (max included)
+    entropy: Tensor  # [T] nats
+    sampled_logprob: Optional[Tensor]  # [T] log-prob of the given ids
+    topk_ids: Optional[Tensor]  # [T, k] int64 global ids
+    topk_logprobs: Optional[Tensor]  # [T, k] full-vocabulary log-probs
+
+
+@torch.no_grad()
+def vocab_parallel_summary(
+    logits: Tensor,
+    group: Any = None,
+    *,
+    sampled_ids: Optional[Tensor] = None,
+    topk: int = 0,
+    rows: Optional[Tensor] = None,
+    vocab_start: Optional[int] = None,
+    true_vocab_size: Optional[int] = None,
+    temperature: float = 1.0,
+    chunk_tokens: Optional[int] = None,
+) -> DistributionSummary:
+    """One pass over ``logits`` [T, V/TP] (no autograd): max, log Z, entropy, log-prob of
+    ``sampled_ids`` [T] and the global top-``topk`` (ids and full-vocabulary log-probs).
+
+    ``rows`` (int64 token indices) restricts the work to those tokens; the outputs then have
+    ``len(rows)`` rows.  Top-k order: log-prob descending, ties by lower global id.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [tokens, vocab_shard], got shape {tuple(logits.shape)}")
+    shard = VocabShard.of(logits, group, vocab_start, true_vocab_size)
+    if topk > shard.vocab_size:
+        raise ValueError(f"top-k of {topk} exceeds the vocabulary size {shard.vocab_size}")
+    rows = torch.arange(logits.shape[0], device=logits.device) if rows is None else rows
+    n, dtype, device = rows.numel(), compute_dtype(logits.dtype), logits.device
+    pad = shard.padded_columns(device)
+    step = shard.chunk_rows(chunk_tokens)
+
+    maxima, log_z, entropy = (torch.empty(n, dtype=dtype, device=device) for _ in range(3))
+    sampled = torch.empty(n, dtype=dtype, device=device) if sampled_ids is not None else None
+    top_ids = torch.empty(n, topk, dtype=torch.int64, device=device) if topk else None
+    top_lp = torch.empty(n, topk, dtype=dtype, device=device) if topk else None
+
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        x = _load_chunk(logits, rows[lo:hi], temperature, pad)
+        m = _shift_by_global_max_([x], shard)[:, 0]
+        e = x.exp()
+        columns = [e.sum(dim=-1, keepdim=True), _rowdot(e, x).unsqueeze(1)]
+        if sampled_ids is not None:
+            columns.append(_pick_owned(x, sampled_ids[rows[lo:hi]].unsqueeze(1), shard))
+        del e
+        sums = _all_reduce_sum_(torch.cat(columns, dim=1), shard)
+        log_s = sums[:, 0].log()
+        maxima[lo:hi], log_z[lo:hi] = m, m + log_s
+        entropy[lo:hi] = log_s - sums[:, 1] / sums[:, 0]
+        if sampled is not None:
+            sampled[lo:hi] = _restore_neg_inf(sums[:, 2]) - log_s
+        if topk:
+            values, ids = _local_topk(x, topk, shard)
+            values, ids = _global_topk(values, ids, topk, shard)
+            top_ids[lo:hi] = ids
+            top_lp[lo:hi] = _restore_neg_inf(values) - log_s.unsqueeze(1)
+    return DistributionSummary(maxima, log_z, entropy, sampled, top_ids, top_lp)
+
+
+# --------------------------------------------------------------------------- differentiable terms
+
+
+@dataclasses.dataclass(frozen=True)
+class _TermsPlan:
+    shard: VocabShard
+    temperature: float
+    teacher_temperature: float
+    chunk_rows: int
+    want_entropy: bool
+    want_fkl: bool
+    want_rkl: bool
+
+
+class _VocabParallelTokenTerms(torch.autograd.Function):
+    """Per-token terms of student shard z (and optionally teacher shard t), differentiable in z.
+
+    Outputs (all [n] or [n, ids], replicated over TP):
+      max, log Z, log q at global ids, H(q), KL(p||q) (forward), KL(q||p) (reverse).
+    Forward per chunk: all-reduce MAX of the maxima, then all-reduce SUM of [Σe, Σe·z, picked
+    logits, Σe_t, Σe_t·t, Σe_t·z, Σe·t].  Backward: no communication (outputs are replicated).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, gather_ids, teacher_logits, plan: _TermsPlan):
+        shard, n = plan.shard, rows.numel()
+        dtype, device = compute_dtype(logits.dtype), logits.device
+        pad = shard.padded_columns(device)
+        has_teacher = teacher_logits is not None
+        new = lambda *shape: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
+        maxima, log_z, logprobs = new(n), new(n), new(n, gather_ids.shape[1])
+        entropy = new(n) if plan.want_entropy else new(0)
+        fkl = new(n) if plan.want_fkl else new(0)
+        rkl = new(n) if plan.want_rkl else new(0)
+        teacher_log_z = new(n) if has_teacher else new(0)
+
+        for lo in range(0, n, plan.chunk_rows):
+            hi = min(lo + plan.chunk_rows, n)
+            z = _load_chunk(logits, rows[lo:hi], plan.temperature, pad)
+            chunks = [z]
+            if has_teacher:
+                t = _load_chunk(teacher_logits, rows[lo:hi], plan.teacher_temperature, pad)
+                chunks.append(t)
+            m = _shift_by_global_max_(chunks, shard)  # z, t now shifted (<= 0) and clamped
+            e = z.exp()
+            columns = [e.sum(dim=-1), _rowdot(e, z)]
+            if has_teacher:
+                e_t = t.exp()
+                columns += [e_t.sum(dim=-1), _rowdot(e_t, t), _rowdot(e_t, z), _rowdot(e, t)]
+                del e_t
+            del e
+            picked = _pick_owned(z, gather_ids[lo:hi], shard)
+            sums = _all_reduce_sum_(torch.cat([torch.stack(columns, dim=1), picked], dim=1), shard)
+            # Naming: e = exp(a_z), e_t = exp(a_t); "et_z" is Σ e_t·a_z, "ez_t" is Σ e·a_t.
+            s, ez = sums[:, 0], sums[:, 1]
+            log_s = s.log()
+            maxima[lo:hi], log_z[lo:hi] = m[:, 0], m[:, 0] + log_s
+            logprobs[lo:hi] = _restore_neg_inf(sums[:, len(columns) :]) - log_s.unsqueeze(1)
+            if plan.want_entropy:
+                entropy[lo:hi] = log_s - ez / s
+            if has_teacher:
+                s_t, et_t, et_z, ez_t = sums[:, 2], sums[:, 3], sums[:, 4], sums[:, 5]
+                log_s_t = s_t.log()
+                teacher_log_z[lo:hi] = m[:, 1] + log_s_t
+                # KL(p||q) = Σp(a_t - a_z) - log S_t + log S   (a = shifted logits, Σp = 1)
+                if plan.want_fkl:
+                    fkl[lo:hi] = (et_t - et_z) / s_t - log_s_t + log_s
+                # KL(q||p) = Σq(a_z - a_t) - log S + log S_t
+                if plan.want_rkl:
+                    rkl[lo:hi] = (ez - ez_t) / s - log_s + log_s_t
+
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, rows, gather_ids, teacher_logits, log_z, teacher_log_z, entropy, rkl)
+        ctx.mark_non_differentiable(maxima)
+        return maxima, log_z, logprobs, entropy, fkl, rkl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _g_max, g_log_z, g_logprobs, g_entropy, g_fkl, g_rkl):
+        logits, rows, gather_ids, teacher_logits, log_z, teacher_log_z, entropy, rkl = ctx.saved_tensors
+        plan: _TermsPlan = ctx.plan
+        shard = plan.shard
+        grad = torch.zeros_like(logits)
+        n = rows.numel()
+        if n == 0:
+            return grad, None, None, None, None
+        zeros = log_z.new_zeros(n)
+        g_log_z = zeros if g_log_z is None else g_log_z
+        g_entropy = zeros if g_entropy is None or not plan.want_entropy else g_entropy
+        g_fkl = None if g_fkl is None or not plan.want_fkl else g_fkl
+        g_rkl = None if g_rkl is None or not plan.want_rkl else g_rkl
+        g_ids_total = zeros if g_logprobs is None else g_logprobs.sum(dim=1)
+        pad = shard.padded_columns(logits.device)
+
+        # d/dz of: log Z -> q;  log q(i) -> 1_i - q;  H -> -q(log q + H);  KL(p||q) -> q - p;
+        # KL(q||p) -> q(log q - log p - KL).  So grad = q·(α·log q + β - g_rkl·log p) - g_fkl·p
+        # + scatter(g_logprobs), with per-token α, β below; then × 1/temperature.
+        alpha = -g_entropy + (g_rkl if g_rkl is not None else 0.0)
+        beta = g_log_z - g_ids_total - g_entropy * (entropy if plan.want_entropy else 0.0)
+        if g_fkl is not None:
+            beta = beta + g_fkl
+        if g_rkl is not None:
+            beta = beta - g_rkl * rkl
+
+        for lo in range(0, n, plan.chunk_rows):
+            hi = min(lo + plan.chunk_rows, n)
+            r = rows[lo:hi]
+            log_q = _load_chunk(logits, r, plan.temperature, pad)
+            log_q.sub_(log_z[lo:hi].unsqueeze(1)).clamp_(min=NEG_LARGE)
+            q = log_q.exp()
+            g = log_q.mul_(alpha[lo:hi].unsqueeze(1)).add_(beta[lo:hi].unsqueeze(1))  # reuses log_q
+            if teacher_logits is not None and (g_fkl is not None or g_rkl is not None):
+                log_p = _load_chunk(teacher_logits, r, plan.teacher_temperature, pad)
+                log_p.sub_(teacher_log_z[lo:hi].unsqueeze(1)).clamp_(min=NEG_LARGE)
+                if g_rkl is not None:
+                    g.addcmul_(log_p, g_rkl[lo:hi].unsqueeze(1), value=-1.0)
+                g.mul_(q)
+                if g_fkl is not None:
+                    g.addcmul_(log_p.exp_(), g_fkl[lo:hi].unsqueeze(1), value=-1.0)
+                del log_p
+            else:
+                g.mul_(q)
+            del q
+            if g_logprobs is not None:
+                local, owned = _local_columns(gather_ids[lo:hi], shard)
+                g.scatter_add_(1, local, g_logprobs[lo:hi].masked_fill(~owned, 0.0))
+            if pad is not None:
+                g.masked_fill_(pad, 0.0)
+            if plan.temperature != 1.0:
+                g.div_(plan.temperature)
+            grad.index_copy_(0, r, g.to(grad.dtype))
+        return grad, None, None, None, None
+
+
+class TokenTerms(NamedTuple):
+    """Per-token outputs of :func:`vocab_parallel_token_terms` (empty tensors where not asked)."""
+
+    max: Tensor  # [n] not differentiable
+    log_z: Tensor  # [n]
+    logprobs: Tensor  # [n, ids] full-vocabulary log q at the given global ids
+    entropy: Tensor  # [n] H(q) or empty
+    forward_kl: Tensor  # [n] KL(p||q) or empty
+    reverse_kl: Tensor  # [n] KL(q||p) or empty
+    teacher_log_z: Optional[Tensor] = None
+
+
+def vocab_parallel_token_terms(
+    logits: Tensor,
+    gather_ids: Tensor,
+    group: Any = None,
+    *,
+    rows: Optional[Tensor] = None,
+    teacher_logits: Optional[Tensor] = None,
+    want_entropy: bool = False,
+    want_forward_kl: bool = False,
+    want_reverse_kl: bool = False,
+    vocab_start: Optional[int] = None,
+    true_vocab_size: Optional[int] = None,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    chunk_tokens: Optional[int] = None,
+) -> TokenTerms:
+    """All differentiable per-token terms of vocab-sharded ``logits`` [T, V/TP] in one pass.
+
+    ``gather_ids`` [n, m] are global ids whose log-probs are returned (row i belongs to token
+    ``rows[i]``; ``rows`` defaults to all T tokens).  KL terms need ``teacher_logits`` with the
+    same sharding; the teacher is a constant.  Gradients flow to ``logits`` only, and only the
+    selected rows get a non-zero gradient.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [tokens, vocab_shard], got shape {tuple(logits.shape)}")
+    if (want_forward_kl or want_reverse_kl) and teacher_logits is None:
+        raise ValueError("full-vocabulary KL terms need teacher_logits shards")
+    if teacher_logits is not None and teacher_logits.shape != logits.shape:
+        raise ValueError(
+            f"teacher logits shard {tuple(teacher_logits.shape)} must match the student's {tuple(logits.shape)}"
+            " (same tokens, same vocab partition; pad both vocabularies to one size first)"
+        )
+    shard = VocabShard.of(logits, group, vocab_start, true_vocab_size)
+    rows = torch.arange(logits.shape[0], device=logits.device) if rows is None else rows
+    if gather_ids.dim() != 2 or gather_ids.shape[0] != rows.numel():
+        raise ValueError(f"gather_ids must be [len(rows), m], got {tuple(gather_ids.shape)}")
+    plan = _TermsPlan(
+        shard,
+        float(temperature),
+        float(teacher_temperature),
+        shard.chunk_rows(chunk_tokens),
+        want_entropy,
+        want_forward_kl,
+        want_reverse_kl,
+    )
+    teacher = teacher_logits.detach() if teacher_logits is not None else None
+    out = _VocabParallelTokenTerms.apply(logits, rows, gather_ids.to(torch.int64), teacher, plan)
+    return TokenTerms(*out)
+
+
+# --------------------------------------------------------------------------- public primitives
+
+
+class LogSoftmaxStats(NamedTuple):
+    max: Tensor  # [T] global max of logits / temperature (not differentiable)
+    log_z: Tensor  # [T] log Σ_v exp(logit_v / temperature), differentiable
+
+
+def vocab_parallel_log_softmax_stats(logits: Tensor, group: Any = None, **kwargs) -> LogSoftmaxStats:
+    """Global max and log partition function of vocab-sharded ``logits`` [T, V/TP]."""
+    ids = torch.zeros(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
+    terms = vocab_parallel_token_terms(logits, ids, group, **kwargs)
+    return LogSoftmaxStats(terms.max, terms.log_z)
+
+
+def vocab_parallel_logprobs(logits: Tensor, ids: Tensor, group: Any = None, **kwargs) -> Tensor:
+    """Full-vocabulary log-probs at global ``ids`` ([T] or [T, m]); differentiable."""
+    flat = ids.unsqueeze(1) if ids.dim() == 1 else ids
+    out = vocab_parallel_token_terms(logits, flat, group, **kwargs).logprobs
+    return out.squeeze(1) if ids.dim() == 1 else out
+
+
+def vocab_parallel_entropy(logits: Tensor, group: Any = None, **kwargs) -> Tensor:
+    """Entropy in nats of softmax(logits / temperature) per token; differentiable."""
+    ids = torch.zeros(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
+    return vocab_parallel_token_terms(logits, ids, group, want_entropy=True, **kwargs).entropy
+
+
+def vocab_parallel_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    group: Any = None,
+    *,
+    direction: str = "forward",
+    **kwargs,
+) -> Tensor:
+    """Exact per-token KL between teacher p and student q over the full vocabulary.
+
+    ``direction="forward"`` is KL(p||q) = Σ p log(p/q) (mode covering, the KD loss);
+    ``"reverse"`` is KL(q||p) = Σ q log(q/p).  Differentiable in the student only.
+    """
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    ids = torch.zeros(student_logits.shape[0], 0, dtype=torch.int64, device=student_logits.device)
+    forward = direction == "forward"
+    terms = vocab_parallel_token_terms(
+        student_logits,
+        ids,
+        group,
+        teacher_logits=teacher_logits,
+        want_forward_kl=forward,
+        want_reverse_kl=not forward,
+        **kwargs,
+    )
+    return terms.forward_kl if forward else terms.reverse_kl
+
+
+def vocab_parallel_topk(logits: Tensor, k: int, group: Any = None, **kwargs) -> tuple[Tensor, Tensor]:
+    """Global top-k over the vocabulary: (int64 global ids [T, k], full-vocab log-probs [T, k]).
+
+    Ordered by log-prob descending; equal values are broken by the lower global id, so the
+    result does not depend on the TP size.  Not differentiable.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    summary = vocab_parallel_summary(logits, group, topk=k, **kwargs)
+    return summary.topk_ids, summary.topk_logprobs
