@@ -8,6 +8,7 @@ torchrun's environment, else from Slurm's (``srun`` without torchrun), else a si
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ class Platform:
     rank: int
     world_size: int
     local_rank: int
+    timeout_s: float = 600.0
 
     @property
     def is_cpu(self) -> bool:
@@ -97,7 +99,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Platform
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    _platform = Platform(dev, backend, rank, world_size, local_rank)
+    _platform = Platform(dev, backend, rank, world_size, local_rank, timeout_s)
     return _platform
 
 
@@ -126,6 +128,8 @@ def init_model_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        # Megatron's groups otherwise wait 30 min on a peer that died; follow the platform timeout.
+        distributed_timeout_minutes=max(1, math.ceil(platform.timeout_s / 60)),
     )
     mcore_tp.model_parallel_cuda_manual_seed(seed)
 
