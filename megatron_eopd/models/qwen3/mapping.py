@@ -326,10 +326,18 @@ def _named_entries(model: Any, arch: Qwen3Arch) -> Iterator[tuple[WeightMapping,
         yield entry, layer, name, param
 
 
-def load_hf_weights(model_chunks: Any, hf_weights: Mapping[str, torch.Tensor], hf_config: Any = None) -> None:
+def load_hf_weights(
+    model_chunks: Any,
+    hf_weights: Mapping[str, torch.Tensor],
+    hf_config: Any = None,
+    *,
+    progress: Optional[Callable[[str], None]] = None,
+) -> None:
     """Copy HF weights into this rank's model chunk(s), under Megatron's current TP state.
 
     Works for any PP/VPP layout: each layer's global index is read from the model itself.
+    ``hf_weights`` may be lazy; only the tensors this rank holds are read.
+    ``progress(name)`` is called after each parameter.
     """
     from megatron.core import parallel_state
 
@@ -349,6 +357,8 @@ def load_hf_weights(model_chunks: Any, hf_weights: Mapping[str, torch.Tensor], h
                 raise MappingError(f"{name}: shard shape {list(shard.shape)} != parameter {list(param.shape)}")
             with torch.no_grad():
                 param.copy_(shard)
+            if progress is not None:
+                progress(name)
 
 
 # --------------------------------------------------------------------------- Megatron -> HF (streaming)

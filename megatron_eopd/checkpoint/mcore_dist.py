@@ -1,0 +1,146 @@
+"""Megatron distributed checkpoints (``torch_dist``) of Qwen3 models, with our conversion metadata.
+
+Directory layout (what Megatron-LM's ``--load DIR --ckpt-format torch_dist`` expects, plus ours)::
+
+    DIR/latest_checkpointed_iteration.txt   "release"
+    DIR/release/                            torch_dist: .metadata, *.distcp, common.pt, metadata.json
+    DIR/eopd_checkpoint.json                format, TP/PP at conversion, dtype, vocab padding, layer spec
+    DIR/hf/                                 the HF config.json, generation_config.json, tokenizer files
+
+``torch_dist`` stores every tensor with its global shape and offsets, so a checkpoint written at
+one TP/PP loads at any other: Megatron reshards on load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from megatron_eopd.checkpoint.errors import ConversionError
+
+FORMAT = "megatron-eopd/qwen3-torch_dist"
+FORMAT_VERSION = 1
+META_NAME = "eopd_checkpoint.json"
+HF_SUBDIR = "hf"
+RELEASE = "release"
+TRACKER = "latest_checkpointed_iteration.txt"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def read_checkpoint_meta(ckpt_dir: Union[str, Path]) -> dict:
+    """Our metadata of a converted checkpoint; :class:`ConversionError` if it is not one."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / META_NAME
+    if not path.is_file():
+        raise ConversionError(f"{ckpt_dir} is not a megatron-eopd checkpoint (no {META_NAME})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"corrupted {path}: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise ConversionError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    if not (ckpt_dir / RELEASE / "metadata.json").is_file():
+        raise ConversionError(f"{ckpt_dir / RELEASE} holds no torch_dist checkpoint")
+    if not (ckpt_dir / HF_SUBDIR / "config.json").is_file():
+        raise ConversionError(f"{ckpt_dir / HF_SUBDIR} lacks the HF config.json")
+    return meta
+
+
+def hf_config_of(ckpt_dir: Union[str, Path]) -> dict:
+    return json.loads((Path(ckpt_dir) / HF_SUBDIR / "config.json").read_text())
+
+
+def _chunks(model_chunks: Any) -> list:
+    return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+
+
+def _model_sharded_state_dict(model_chunks: Any) -> dict:
+    from megatron_eopd.models.qwen3.mapping import unwrap_model
+
+    chunks = _chunks(model_chunks)
+    if len(chunks) == 1:
+        return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
+    # Megatron-LM's key names for virtual pipeline chunks.
+    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path]) -> None:
+    """Collective: every rank of the job saves its shards under ``ckpt_dir/release``."""
+    from megatron.core import dist_checkpointing
+
+    release = Path(ckpt_dir) / RELEASE
+    if torch.distributed.get_rank() == 0:
+        release.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    state = _model_sharded_state_dict(model_chunks)
+    state["checkpoint_version"] = 3.0
+    state["iteration"] = 0
+    dist_checkpointing.save(state, str(release))
+
+
+def _rename_for_layer_spec(sharded: dict, saved_spec: str, model_spec: str) -> None:
+    """Point fused-norm keys at the other spec's names (TE fuses norms into the next linear)."""
+    if saved_spec == model_spec:
+        return
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    from megatron_eopd.models.qwen3.mapping import QWEN3_MAPPING
+
+    renames = {e.megatron_name(model_spec): e.megatron_name(saved_spec)
+               for e in QWEN3_MAPPING if e.megatron != e.megatron_te}
+    for value in nested_values(sharded):
+        if isinstance(value, ShardedTensor):
+            for new_suffix, old_suffix in renames.items():
+                if value.key.endswith(new_suffix):
+                    value.key = value.key[: -len(new_suffix)] + old_suffix
+
+
+def load_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path], *, strict: bool = True) -> dict:
+    """Collective: load a converted checkpoint into model chunks built at any TP/PP.
+
+    Returns the checkpoint metadata.  A checkpoint converted with the local layer spec loads into
+    a transformer-engine model and vice versa (the fused layer-norm keys are renamed).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron_eopd.models.qwen3.mapping import unwrap_model
+
+    meta = read_checkpoint_meta(ckpt_dir)
+    chunks = _chunks(model_chunks)
+    sharded = _model_sharded_state_dict(chunks)
+    model_spec = getattr(unwrap_model(chunks[0]), "eopd_layer_spec", "local")
+    _rename_for_layer_spec(sharded, meta.get("layer_spec", "local"), model_spec)
+    loaded = dist_checkpointing.load(sharded, str(Path(ckpt_dir) / RELEASE))
+    for i, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{i}"
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
+    return meta
+
+
+def write_checkpoint_meta(ckpt_dir: Path, *, tp: int, pp: int, dtype: str, padded_vocab: int,
+                          vocab_divisor: int, layer_spec: str, source: Optional[str] = None) -> dict:
+    import megatron.core
+
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": "Qwen3ForCausalLM",
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "dtype": dtype,
+        "padded_vocab_size": padded_vocab,
+        "vocab_divisor": vocab_divisor,
+        "layer_spec": layer_spec,
+        "megatron_core_version": getattr(megatron.core, "__version__", "unknown"),
+        "source": source,
+    }
+    (ckpt_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    (ckpt_dir / TRACKER).write_text(RELEASE + "\n")
+    return meta
