@@ -163,6 +163,11 @@ def eopd_loss(
         raise ValueError(
             f"fkl_mode={config.fkl_mode!r} / rkl_mode={config.rkl_mode!r} need teacher_logits shards"
         )
+    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits shard {tuple(teacher_logits.shape)} must match the student's"
+            f" {tuple(student_logits.shape)} (same tokens and vocab partition; pad both vocabularies alike)"
+        )
     teacher_shard = None if teacher_logits is None else teacher_logits.reshape(-1, vocab_shard)
     shard_kwargs = dict(vocab_start=vocab_start, true_vocab_size=true_vocab_size, chunk_tokens=config.chunk_tokens)
     if teacher is None:
