@@ -254,6 +254,7 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
     out_dtype_name = args.dtype or meta["dtype"]
 
     import torch
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     from megatron_eopd.checkpoint.hf_writer import copy_side_files, write_hf_weights
     from megatron_eopd.checkpoint.mcore_dist import load_mcore_checkpoint
@@ -274,7 +275,7 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
             load_mcore_checkpoint(model, ckpt)
         except ConversionError:
             raise
-        except Exception as exc:  # noqa: BLE001 - dist_checkpointing reports mismatches in many ways
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - mismatches surface in many ways
             raise ConversionError(f"checkpoint {ckpt} does not match its Qwen3 config: {exc}") from exc
         with _staging_dir(output, rank, args.overwrite) as tmp:
             shapes = expected_hf_shapes(arch)

@@ -85,29 +85,12 @@ def save_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path]) -> None
     dist_checkpointing.save(state, str(release))
 
 
-def _rename_for_layer_spec(sharded: dict, saved_spec: str, model_spec: str) -> None:
-    """Point fused-norm keys at the other spec's names (TE fuses norms into the next linear)."""
-    if saved_spec == model_spec:
-        return
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    from megatron_eopd.models.qwen3.mapping import QWEN3_MAPPING
-
-    renames = {e.megatron_name(model_spec): e.megatron_name(saved_spec)
-               for e in QWEN3_MAPPING if e.megatron != e.megatron_te}
-    for value in nested_values(sharded):
-        if isinstance(value, ShardedTensor):
-            for new_suffix, old_suffix in renames.items():
-                if value.key.endswith(new_suffix):
-                    value.key = value.key[: -len(new_suffix)] + old_suffix
-
-
 def load_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path], *, strict: bool = True) -> dict:
     """Collective: load a converted checkpoint into model chunks built at any TP/PP.
 
-    Returns the checkpoint metadata.  A checkpoint converted with the local layer spec loads into
-    a transformer-engine model and vice versa (the fused layer-norm keys are renamed).
+    Returns the checkpoint metadata.  Megatron's local layer spec saves its norms under the
+    transformer-engine keys (``sharded_state_dict_keys_map``), so a checkpoint converted with one
+    spec loads into a model built with the other.
     """
     from megatron.core import dist_checkpointing
     from megatron_eopd.models.qwen3.mapping import unwrap_model
@@ -115,8 +98,6 @@ def load_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path], *, stri
     meta = read_checkpoint_meta(ckpt_dir)
     chunks = _chunks(model_chunks)
     sharded = _model_sharded_state_dict(chunks)
-    model_spec = getattr(unwrap_model(chunks[0]), "eopd_layer_spec", "local")
-    _rename_for_layer_spec(sharded, meta.get("layer_spec", "local"), model_spec)
     loaded = dist_checkpointing.load(sharded, str(Path(ckpt_dir) / RELEASE))
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
