@@ -123,22 +123,41 @@ def init_model_parallel(
             f"world size {platform.world_size} is not divisible by TP*PP = "
             f"{tensor_parallel}*{pipeline_parallel}"
         )
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         # Megatron's groups otherwise wait 30 min on a peer that died; follow the platform timeout.
         distributed_timeout_minutes=max(1, math.ceil(platform.timeout_s / 60)),
+        # Megatron's extra gloo copies of the data-parallel groups duplicate what gloo already is.
+        create_gloo_process_groups=platform.backend != "gloo",
     )
     mcore_tp.model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_model_parallel() -> None:
+    """Forget Megatron's parallel state *and* close the process groups it opened.
+
+    Megatron's own ``destroy_model_parallel`` only drops its references; the groups (each with its
+    sockets and threads) stay alive, so re-initialising for another layout in the same process
+    (tests, converters) would pile them up.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    _destroy_subgroups()
+
+
+def _destroy_subgroups() -> None:
+    if not dist.is_initialized():
+        return
+    from torch.distributed import distributed_c10d
+
+    world = distributed_c10d.GroupMember.WORLD
+    for group in list(distributed_c10d._world.pg_map.keys()):
+        if group is not world:
+            dist.destroy_process_group(group)
 
 
 def shutdown() -> None:
