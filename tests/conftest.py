@@ -21,9 +21,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: needs running Slurm daemons")
 
 
-def pytest_collection_modifyitems(session, config, items):
-    # Only the checks that survived -k / path selection are launched.
-    for item in items:
+def pytest_collection_finish(session):
+    # Only the checks that survived -k / -m / path selection are launched.  (This runs after every
+    # plugin's collection_modifyitems, deselection included; collecting there could see items
+    # that -k later drops.)
+    for item in session.items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and "multirank_spec" in callspec.params:
             _selected_specs.append(callspec.params["multirank_spec"])
