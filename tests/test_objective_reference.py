@@ -370,7 +370,8 @@ def test_full_vocab_kl_matches_modelopt(ctx):
     seq, batch, vocab = 6, 3, 128
     c = make_case(ctx.seed, seq * batch, vocab, masked_rows=False)
     # ModelOpt computes in fp32 whatever the input; ours runs in fp64 (exact to 1e-10 above), so
-    # the tolerance is fp32 rounding relative to the largest entry.
+    # the tolerance is fp32 rounding relative to the largest entry: log-probs here reach ~-80,
+    # so log q - log p carries ~5e-6 of rounding.  (A non-autograd all-reduce is off by ~1e-1.)
     shard, lo, hi = shard_of(c.student, ctx)
     teacher_shard, _, _ = shard_of(c.teacher, ctx)
     config = SimpleNamespace(tensor_model_parallel_size=ctx.tp)
@@ -389,5 +390,5 @@ def test_full_vocab_kl_matches_modelopt(ctx):
         ours.sum().backward()
         for what, a, b in (("value", ours.detach(), theirs), ("grad", ours_in.grad, theirs_in.grad.double())):
             scale = float(a.abs().max())
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * scale,
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * scale,
                                        msg=lambda m: f"{direction} KL {what} vs modelopt (max |x| {scale:.3g}): {m}")
