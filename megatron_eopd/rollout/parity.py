@@ -1,0 +1,211 @@
+"""The parity probe: after every weight sync, the rollout engine and the Megatron student must agree.
+
+Both sides score the same fixed token sequences (log p(x_t | x_<t) at temperature 1): the engine
+through its prompt log-probs, Megatron through a forward pass of the student itself.  A transposed
+or mis-ordered tensor, a stale one, or a wrong vocabulary moves these log-probs by whole nats, while
+a correct sync only shows numeric noise; beyond the configured tolerance the run stops with
+:class:`ParityProbeError`, naming the probe and where the largest difference is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from megatron_eopd.rollout.engine import ParityProbeConfig, RolloutEngine
+
+
+@dataclass
+class ParityReport:
+    """Outcome of one probe; ``worst_*`` locate the largest absolute difference."""
+
+    probe: str
+    num_tokens: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    worst_sequence: int
+    worst_position: int  # index, within the sequence, of the token whose log-prob differs most
+    worst_token: int
+    engine_logprob: float
+    reference_logprob: float
+    max_abs_tolerance: float
+    mean_abs_tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.max_abs_tolerance and self.mean_abs_diff <= self.mean_abs_tolerance
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"parity probe '{self.probe}' {verdict}: max |engine - megatron| log-prob = {self.max_abs_diff:.3g} nats "
+            f"(tolerance {self.max_abs_tolerance:g}) at sequence {self.worst_sequence}, position "
+            f"{self.worst_position}, token {self.worst_token} (engine {self.engine_logprob:.4f}, "
+            f"reference {self.reference_logprob:.4f}); mean {self.mean_abs_diff:.3g} nats "
+            f"(tolerance {self.mean_abs_tolerance:g}) over {self.num_tokens} tokens"
+        )
+
+
+class ParityProbeError(RuntimeError):
+    """The engine's log-probs disagree with the Megatron student's beyond tolerance: the sync is wrong."""
+
+    def __init__(self, report: ParityReport):
+        self.report = report
+        super().__init__(
+            report.summary()
+            + ". The weights in the rollout engine do not compute the student's model: check the HF <-> "
+            "Megatron mapping (q/k/v and gate/up fusion, transposes, tensors left out of the sync)."
+        )
+
+
+def probe_sequences(config: ParityProbeConfig, vocab_size: int) -> list[list[int]]:
+    """The configured probe sequences, or deterministic random ones drawn from ``config.seed``."""
+    if config.sequences:
+        too_big = [t for seq in config.sequences for t in seq if t >= vocab_size]
+        if too_big:
+            raise ValueError(f"parity probe sequences hold token ids >= vocab size {vocab_size}: {too_big[:5]}")
+        return [list(s) for s in config.sequences]
+    gen = torch.Generator().manual_seed(config.seed)
+    ids = torch.randint(0, vocab_size, (config.num_sequences, config.sequence_length), generator=gen)
+    return ids.tolist()
+
+
+def compare_logprobs(
+    engine_logprobs: Sequence[torch.Tensor],
+    reference_logprobs: Sequence[torch.Tensor],
+    sequences: Sequence[Sequence[int]],
+    *,
+    probe: str,
+    config: ParityProbeConfig,
+) -> ParityReport:
+    """Compare per-token log-probs (each tensor: tokens 1..len-1 of its sequence)."""
+    if len(engine_logprobs) != len(reference_logprobs) or len(engine_logprobs) != len(sequences):
+        raise ValueError(
+            f"probe '{probe}': {len(engine_logprobs)} engine vs {len(reference_logprobs)} reference results "
+            f"for {len(sequences)} sequences"
+        )
+    best = (-1.0, 0, 0)
+    total, count = 0.0, 0
+    for i, (eng, ref, seq) in enumerate(zip(engine_logprobs, reference_logprobs, sequences)):
+        eng, ref = eng.double().flatten().cpu(), ref.double().flatten().cpu()
+        if eng.numel() != len(seq) - 1 or ref.numel() != len(seq) - 1:
+            raise ValueError(f"probe '{probe}': sequence {i} has {len(seq)} tokens but {eng.numel()} engine and "
+                             f"{ref.numel()} reference log-probs")
+        diff = (eng - ref).abs()
+        # A NaN on either side is as bad as it gets.
+        diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+        total += float(diff.sum())
+        count += diff.numel()
+        j = int(diff.argmax())
+        if float(diff[j]) > best[0]:
+            best = (float(diff[j]), i, j)
+    max_diff, seq_i, tok_j = best
+    return ParityReport(
+        probe=probe,
+        num_tokens=count,
+        max_abs_diff=max_diff,
+        mean_abs_diff=total / max(count, 1),
+        worst_sequence=seq_i,
+        worst_position=tok_j + 1,
+        worst_token=int(sequences[seq_i][tok_j + 1]),
+        engine_logprob=float(engine_logprobs[seq_i].flatten()[tok_j]),
+        reference_logprob=float(reference_logprobs[seq_i].flatten()[tok_j]),
+        max_abs_tolerance=config.max_abs_tolerance,
+        mean_abs_tolerance=config.mean_abs_tolerance,
+    )
+
+
+def check_parity(
+    engine: RolloutEngine,
+    reference_logprobs: Sequence[torch.Tensor],
+    sequences: Sequence[Sequence[int]],
+    *,
+    probe: str,
+    config: ParityProbeConfig,
+    raise_on_failure: bool = True,
+) -> ParityReport:
+    """Score ``sequences`` with ``engine`` and compare with the reference; raise :class:`ParityProbeError` beyond tolerance."""
+    report = compare_logprobs(engine.score(sequences), reference_logprobs, sequences, probe=probe, config=config)
+    if raise_on_failure and not report.passed:
+        raise ParityProbeError(report)
+    return report
+
+
+# --------------------------------------------------------------------------- reference log-probs
+
+
+@torch.no_grad()
+def hf_sequence_logprobs(hf_model: Any, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Reference log-probs from a Hugging Face causal LM (a stand-in for Megatron in tests and tools)."""
+    device = next(hf_model.parameters()).device
+    out = []
+    for seq in sequences:
+        ids = torch.tensor([list(seq)], dtype=torch.long, device=device)
+        logp = torch.log_softmax(hf_model(input_ids=ids).logits[0].float(), dim=-1)
+        out.append(logp[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1).cpu())
+    return out
+
+
+@torch.no_grad()
+def megatron_sequence_logprobs(
+    model_chunks: Any, sequences: Sequence[Sequence[int]], *, vocab_size: Optional[int] = None
+) -> list[torch.Tensor]:
+    """Log-probs of ``sequences`` under the Megatron student, on every rank of its model-parallel group.
+
+    Call on all ranks of the TP x PP group (it runs Megatron's forward-only pipeline schedule).  The
+    few probe tokens' vocab-parallel logits are gathered over TP and normalised over the true
+    vocabulary (``vocab_size``; default the model's HF vocabulary - padded rows are not tokens), then
+    the result is broadcast from the last pipeline stage.  Sequences are right-padded to one length;
+    causal attention keeps padding from touching real positions.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_eopd.models.qwen3.mapping import unwrap_model
+
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if len(chunks) != 1:
+        raise NotImplementedError("the parity probe does not support virtual pipeline stages yet")
+    inner = unwrap_model(chunks[0])
+    if vocab_size is None:
+        arch = getattr(inner, "eopd_arch", None)
+        if arch is None:
+            raise ValueError("pass vocab_size: this model was not built by build_qwen3_gpt")
+        vocab_size = arch.vocab_size
+    device = next(inner.parameters()).device
+    batch, length = len(sequences), max(len(s) for s in sequences)
+    tokens = torch.zeros((batch, length), dtype=torch.long, device=device)
+    for i, seq in enumerate(sequences):
+        tokens[i, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+    position_ids = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
+    picked: list[torch.Tensor] = []
+
+    def loss_func(logits: torch.Tensor):
+        full = gather_from_tensor_model_parallel_region(logits.float())[..., :vocab_size]
+        logp = torch.log_softmax(full, dim=-1)
+        picked.append(logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1))
+        return logits.new_zeros(()), {}
+
+    def forward_step(data_iterator, model):
+        next(data_iterator)
+        return model(tokens, position_ids, None), loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([None]),
+        model=chunks,
+        num_microbatches=1,
+        seq_length=length,
+        micro_batch_size=batch,
+        forward_only=True,
+    )
+    result = picked[0] if picked else torch.empty((batch, length - 1), dtype=torch.float32, device=device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_pipeline_model_parallel_group()
+        last = dist.get_global_rank(group, parallel_state.get_pipeline_model_parallel_world_size() - 1)
+        dist.broadcast(result, src=last, group=group)
+    return [result[i, : len(seq) - 1].float().cpu() for i, seq in enumerate(sequences)]

