@@ -25,6 +25,11 @@ from megatron_eopd.checkpoint.errors import ConversionError
 from megatron_eopd.checkpoint.mcore_dist import DTYPES, HF_SUBDIR, dtype_name
 
 EXIT_BAD_INPUT = 2
+_EPILOG = (
+    "Runs as a plain process (opens a world-size-1 gloo/NCCL group itself) or under torchrun with "
+    "WORLD_SIZE a multiple of TP*PP (each rank then handles only its shard). Exit status 2 on bad input; "
+    "nothing is left behind."
+)
 
 
 # --------------------------------------------------------------------------- shared plumbing
@@ -141,7 +146,9 @@ def _run(fn: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPars
 def hf_to_mcore_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convert_hf_to_mcore",
-        description="Convert a HF Qwen3ForCausalLM directory into a Megatron-Core torch_dist checkpoint.",
+        description="Convert a HF Qwen3ForCausalLM directory into a Megatron-Core torch_dist checkpoint "
+        "(loadable at any TP/PP: torch_dist reshards on load).",
+        epilog=_EPILOG,
     )
     p.add_argument("--hf-dir", required=True, type=Path, help="HF model directory (safetensors)")
     p.add_argument("--output", required=True, type=Path, help="checkpoint directory to create")
@@ -224,6 +231,7 @@ def mcore_to_hf_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convert_mcore_to_hf",
         description="Export a megatron-eopd Qwen3 torch_dist checkpoint as a HF directory (transformers / vLLM).",
+        epilog=_EPILOG,
     )
     p.add_argument("--mcore-dir", required=True, type=Path, help="checkpoint written by convert_hf_to_mcore or training")
     p.add_argument("--output", required=True, type=Path, help="HF directory to create")
