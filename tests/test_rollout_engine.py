@@ -1,0 +1,224 @@
+"""The rollout engine interface, checked the same way on vLLM and on the Hugging Face fallback.
+
+One engine of each kind serves a tiny random Qwen3 for the whole module (vLLM start-up costs ~40 s
+on CPU).  The fallback runs everywhere, so these interface checks stay meaningful without vLLM.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from megatron_eopd.rollout import (
+    ParityProbeConfig,
+    RolloutConfig,
+    RolloutEngineUnavailableError,
+    SamplingSettings,
+    create_rollout_engine,
+    hf_sequence_logprobs,
+    vllm_importable,
+)
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+LOGPROB_ATOL = 1e-3  # fp32 on both sides; observed ~2e-6
+
+
+# --------------------------------------------------------------------------- config validation
+
+
+def test_config_defaults_are_the_papers_training_sampling():
+    config = RolloutConfig()
+    assert config.engine == "vllm" and config.logprobs_mode == "raw"
+    assert (config.sampling.temperature, config.sampling.top_p, config.sampling.n) == (1.0, 1.0, 1)
+    assert config.sampling.max_tokens == 4096
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(engine="sglang"), "rollout.engine"),
+        (dict(logprobs_mode="logits"), "logprobs_mode"),
+        (dict(dtype="int8"), "rollout.dtype"),
+        (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+        (dict(weight_sync="nccl"), "weight_sync"),
+        (dict(weight_sync="disk"), "sync_dir"),
+        (dict(max_model_len=512), "max_tokens"),
+        (dict(tensor_parallel_size=0), "tensor_parallel_size"),
+        (dict(sync_bucket_mb=0), "sync_bucket_mb"),
+    ],
+)
+def test_config_rejects_bad_values_with_the_key_in_the_message(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RolloutConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n=0), "sampling.n"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.2), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(seed=-3), "seed"),
+    ],
+)
+def test_sampling_settings_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingSettings(**kwargs)
+
+
+def test_parity_config_validation():
+    with pytest.raises(ValueError, match="tolerances"):
+        ParityProbeConfig(max_abs_tolerance=0)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        ParityProbeConfig(sequences=[[1]])
+
+
+def test_config_builds_from_plain_data_through_the_schema():
+    from megatron_eopd.config import ConfigError, from_dict
+
+    config = from_dict(RolloutConfig, {"engine": "hf", "sampling": {"n": 4, "top_p": 0.8}, "parity": {"max_abs_tolerance": 0.1}})
+    assert config.sampling.n == 4 and config.sampling.top_p == 0.8 and config.parity.max_abs_tolerance == 0.1
+    with pytest.raises(ConfigError, match="top_p"):
+        from_dict(RolloutConfig, {"sampling": {"top_p": 2.0}})
+
+
+def test_asking_for_vllm_where_it_cannot_be_imported_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(RolloutEngineUnavailableError, match="rollout.engine='hf'"):
+        create_rollout_engine(RolloutConfig(engine="vllm"), tmp_path)
+
+
+# --------------------------------------------------------------------------- both engines
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
+
+    return make_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"), num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(
+    scope="module",
+    params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)],
+)
+def engine(request, tiny_dir):
+    if request.param == "vllm" and not vllm_importable():
+        pytest.skip("vllm is not importable in this environment")
+    config = RolloutConfig(
+        engine=request.param, dtype="float32", enforce_eager=True, max_model_len=256, show_progress=False,
+        sampling=SamplingSettings(max_tokens=64),
+    )
+    eng = create_rollout_engine(config, tiny_dir)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def eos_id(hf_model) -> int:
+    return int(hf_model.generation_config.eos_token_id)
+
+
+def _recomputed_logprobs(hf_model, prompt, response):
+    return hf_sequence_logprobs(hf_model, [list(prompt) + list(response)])[0][len(prompt) - 1:]
+
+
+def test_shapes_and_n_samples(engine):
+    batch = engine.generate(PROMPTS, SamplingSettings(n=3, max_tokens=6, seed=1))
+    assert batch.num_prompts == 3 and batch.num_samples == 9
+    for prompt, result in zip(PROMPTS, batch.results):
+        assert result.prompt_token_ids == prompt
+        assert len(result.samples) == 3
+        for sample in result.samples:
+            assert 1 <= len(sample.token_ids) <= 6
+            assert len(sample.logprobs) == len(sample.token_ids)
+            assert all(lp <= 0.0 for lp in sample.logprobs)
+            assert sample.finish_reason in ("stop", "length")
+    ids, mask, logprobs = batch.response_tensors(pad_token_id=0)
+    assert ids.shape == mask.shape == logprobs.shape and ids.shape[0] == 9
+    assert int(mask.sum()) == sum(len(s.token_ids) for _, s in batch.flat())
+
+
+def test_max_tokens_ends_with_length(engine, eos_id):
+    batch = engine.generate(PROMPTS[:2], SamplingSettings(n=4, max_tokens=3, seed=2))
+    for _, sample in batch.flat():
+        if sample.finish_reason == "length":
+            assert len(sample.token_ids) == 3
+        else:  # ended on the model's eos before the budget
+            assert sample.token_ids[-1] == eos_id and len(sample.token_ids) <= 3
+
+
+def test_stop_tokens_end_the_response_and_are_kept(engine, eos_id):
+    stop = [t for t in range(0, eos_id, 2)]  # half the vocabulary: almost every sample stops within a few tokens
+    batch = engine.generate(PROMPTS, SamplingSettings(n=4, max_tokens=40, stop_token_ids=stop, seed=3))
+    stopped = 0
+    for _, sample in batch.flat():
+        assert all(t not in stop for t in sample.token_ids[:-1]), "a stop token inside the response"
+        if sample.finish_reason == "stop":
+            stopped += 1
+            assert sample.token_ids[-1] in set(stop) | {eos_id}
+    assert stopped >= 10, f"only {stopped}/12 samples stopped"
+
+
+def test_seed_reproducibility(engine):
+    settings = SamplingSettings(n=2, max_tokens=8, seed=11)
+    first = engine.generate(PROMPTS, settings)
+    again = engine.generate(PROMPTS, settings)
+    other = engine.generate(PROMPTS, SamplingSettings(n=2, max_tokens=8, seed=12))
+    tokens = lambda b: [s.token_ids for _, s in b.flat()]  # noqa: E731
+    assert tokens(first) == tokens(again)
+    assert tokens(first) != tokens(other)
+    # The n samples of a prompt are different draws.
+    assert first.results[2].samples[0].token_ids != first.results[2].samples[1].token_ids
+    # Per-prompt seeds: a prompt's samples do not depend on the rest of the batch.
+    alone = engine.generate([PROMPTS[2]], SamplingSettings(n=2, max_tokens=8, seed=11 + 2 * 2))
+    assert tokens(alone) == [s.token_ids for s in first.results[2].samples]
+
+
+def test_logprobs_are_the_raw_model_logprobs_of_the_sampled_tokens(engine, hf_model):
+    # Sampling at temperature 0.7 / top-p 0.9, the returned log-probs are still the model's at T=1.
+    batch = engine.generate(PROMPTS, SamplingSettings(n=2, max_tokens=10, temperature=0.7, top_p=0.9, seed=4))
+    for i, sample in batch.flat():
+        expected = _recomputed_logprobs(hf_model, PROMPTS[i], sample.token_ids)
+        torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_greedy_follows_the_argmax(engine, hf_model):
+    batch = engine.generate([PROMPTS[0]], SamplingSettings(n=1, max_tokens=6, temperature=0.0))
+    response = batch.results[0].samples[0].token_ids
+    ids = list(PROMPTS[0])
+    for tok in response:
+        with torch.no_grad():
+            logits = hf_model(input_ids=torch.tensor([ids])).logits[0, -1]
+        assert tok == int(logits.argmax())
+        ids.append(tok)
+
+
+def test_score_matches_a_recomputation(engine, hf_model):
+    sequences = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    for got, want in zip(engine.score(sequences), hf_sequence_logprobs(hf_model, sequences)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_hf_fallback_processed_logprobs_follow_the_sampler(tiny_dir, hf_model):
+    config = RolloutConfig(engine="hf", dtype="float32", logprobs_mode="processed", show_progress=False)
+    eng = create_rollout_engine(config, tiny_dir)
+    sample = eng.generate([PROMPTS[0]], SamplingSettings(n=1, max_tokens=4, temperature=0.5, seed=9)).results[0].samples[0]
+    ids = torch.tensor([PROMPTS[0] + sample.token_ids])
+    with torch.no_grad():
+        logits = hf_model(input_ids=ids).logits[0, len(PROMPTS[0]) - 1: -1]
+    expected = torch.log_softmax(logits / 0.5, dim=-1).gather(-1, torch.tensor(sample.token_ids)[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-4, rtol=0)
