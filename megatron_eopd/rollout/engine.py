@@ -137,6 +137,7 @@ class WeightLoadReport:
     seconds: float
     # Engine parameters that this update did not overwrite (stale); empty after a complete sync.
     not_updated: list[str] = field(default_factory=list)
+    num_messages: int = 1  # RPC buckets (memory) or files read (disk)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -205,7 +206,7 @@ class RolloutConfig:
     seed: int = 0
     weight_sync: Literal["memory", "disk"] = "memory"
     sync_dir: Optional[str] = None
-    sync_bucket_mb: int = 512
+    sync_bucket_mb: float = 512.0
     hf_device: str = "cpu"
     show_progress: bool = True
     parity: ParityProbeConfig = field(default_factory=ParityProbeConfig)
@@ -234,8 +235,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.weight_sync must be 'memory' or 'disk', got {self.weight_sync!r}")
         if self.weight_sync == "disk" and not self.sync_dir:
             raise ValueError("rollout.weight_sync='disk' needs rollout.sync_dir (a directory on shared disk)")
-        if self.sync_bucket_mb < 1:
-            raise ValueError(f"rollout.sync_bucket_mb must be >= 1, got {self.sync_bucket_mb}")
+        if not self.sync_bucket_mb > 0:
+            raise ValueError(f"rollout.sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
         if self.max_model_len is not None and self.sampling.max_tokens >= self.max_model_len:
             raise ValueError(
                 f"rollout.sampling.max_tokens ({self.sampling.max_tokens}) leaves no room for a prompt "

@@ -64,9 +64,15 @@ def platform_engine_defaults(config: RolloutConfig) -> dict:
 
 
 class VLLMRolloutEngine(RolloutEngine):
-    """A ``vllm.LLM`` serving the student, with weight updates through :data:`WORKER_EXTENSION`."""
+    """A ``vllm.LLM`` serving the student, with weight updates through :data:`WORKER_EXTENSION`.
+
+    ``encode_bucket`` turns a list of (HF name, tensor) into the payload the worker extension
+    decodes; the default carries raw bytes through the RPC (works everywhere, CPU included).  A
+    CUDA-IPC or NCCL transport replaces this one attribute plus a decoder in ``worker_extension.DECODERS``.
+    """
 
     name = "vllm"
+    encode_bucket = staticmethod(pack_bytes_bucket)
 
     def __init__(self, config: RolloutConfig, model_dir: Union[str, Path]):
         super().__init__(config, model_dir)
@@ -136,26 +142,33 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def load_weights(self, named_tensors: NamedTensors) -> WeightLoadReport:
         start = time.perf_counter()
-        bucket_limit = self.config.sync_bucket_mb * 1024 * 1024
-        num_tensors = num_bytes = 0
+        bucket_limit = int(self.config.sync_bucket_mb * 1024 * 1024)
+        sent = {"tensors": 0, "bytes": 0, "buckets": 0}
+        bucket: list = []
+        bucket_bytes = 0
+
+        def flush() -> None:
+            self.llm.collective_rpc("eopd_load_weight_bucket", args=(self.encode_bucket(bucket),))
+            sent["tensors"] += len(bucket)
+            sent["bytes"] += bucket_bytes
+            sent["buckets"] += 1
+
         self.llm.collective_rpc("eopd_begin_weight_update")
         try:
-            bucket, bucket_bytes = [], 0
             for name, tensor in named_tensors:
                 bucket.append((name, tensor))
                 bucket_bytes += tensor.numel() * tensor.element_size()
                 if bucket_bytes >= bucket_limit:
-                    self.llm.collective_rpc("eopd_load_weight_bucket", args=(pack_bytes_bucket(bucket),))
-                    num_tensors, num_bytes = num_tensors + len(bucket), num_bytes + bucket_bytes
+                    flush()
                     bucket, bucket_bytes = [], 0
             if bucket:
-                self.llm.collective_rpc("eopd_load_weight_bucket", args=(pack_bytes_bucket(bucket),))
-                num_tensors, num_bytes = num_tensors + len(bucket), num_bytes + bucket_bytes
+                flush()
         finally:
             # Always finish: a half-open layer-wise reload would leave layers on the meta device.
             not_updated = self.llm.collective_rpc("eopd_finish_weight_update")[0]
         self.llm.reset_prefix_cache()
-        return WeightLoadReport("memory", num_tensors, num_bytes, time.perf_counter() - start, list(not_updated))
+        return WeightLoadReport("memory", sent["tensors"], sent["bytes"], time.perf_counter() - start,
+                                list(not_updated), num_messages=sent["buckets"])
 
     def load_weights_from_dir(self, hf_dir: Union[str, Path]) -> WeightLoadReport:
         hf_dir = Path(hf_dir).resolve()
@@ -167,7 +180,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
         num_bytes = sum(f.stat().st_size for f in files)
         num_tensors = _count_safetensors(files)
-        return WeightLoadReport("disk", num_tensors, num_bytes, time.perf_counter() - start)
+        return WeightLoadReport("disk", num_tensors, num_bytes, time.perf_counter() - start, num_messages=len(files))
 
     def parameter_checksum(self) -> float:
         """Sum of the engine's parameters (tests use it to see that an update landed)."""
