@@ -22,6 +22,7 @@ in fp64), and dropped; backward recomputes the softmax per chunk instead of savi
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
@@ -105,9 +106,61 @@ class VocabShard:
 # --------------------------------------------------------------------------- chunk helpers
 
 
-def _load_chunk(logits: Tensor, rows: Tensor, temperature: float, pad: Optional[Tensor]) -> Tensor:
-    """This chunk's rows as a fresh fp32/fp64 tensor, divided by the temperature, padding at -inf."""
-    x = logits.index_select(0, rows).to(compute_dtype(logits.dtype))
+class _RowRuns:
+    """Selected token rows as maximal runs of consecutive tokens.
+
+    Chunks are then read and written with slice copies (a view plus one fused dtype-converting
+    copy) instead of gathers: response masks are long runs, and on CPU ``index_select`` of
+    [rows, 150k] tensors can cost far more than the arithmetic.
+    """
+
+    def __init__(self, rows: Tensor):
+        n = rows.numel()
+        self.runs: list[tuple[int, int, int]] = []  # (first position, end position, first token)
+        if n:
+            breaks = ((rows[1:] - rows[:-1]) != 1).nonzero().view(-1) + 1
+            starts = [0] + breaks.tolist()
+            tokens = rows[starts].tolist()
+            for begin, end, token in zip(starts, starts[1:] + [n], tokens):
+                self.runs.append((begin, end, token))
+        self._begins = [r[0] for r in self.runs]
+
+    def segments(self, lo: int, hi: int):
+        """(chunk offset, length, first token) of the pieces of positions [lo, hi)."""
+        i = max(bisect.bisect_right(self._begins, lo) - 1, 0)
+        while i < len(self.runs) and self.runs[i][0] < hi:
+            begin, end, token = self.runs[i]
+            a, b = max(begin, lo), min(end, hi)
+            if a < b:
+                yield a - lo, b - a, token + (a - begin)
+            i += 1
+
+
+class _ChunkBuffers:
+    """[chunk, V/TP] scratch tensors allocated once per call and reused by every chunk.
+
+    Fresh allocations per chunk would be returned to the OS and page-faulted back in each time
+    on CPU (glibc trims large frees); one set per call keeps the chunk loop allocation-free.
+    """
+
+    def __init__(self, rows: int, cols: int, device: torch.device):
+        self.shape, self.device = (rows, cols), device
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, rows: int, dtype: torch.dtype) -> Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None:
+            buffer = self._buffers[name] = torch.empty(self.shape, dtype=dtype, device=self.device)
+        return buffer[:rows]
+
+
+def _load_chunk(
+    logits: Tensor, runs: _RowRuns, lo: int, hi: int, temperature: float, pad: Optional[Tensor], out: Tensor
+) -> Tensor:
+    """Rows at positions [lo, hi) copied into ``out`` in fp32/fp64, / temperature, padding at -inf."""
+    x = out
+    for offset, length, token in runs.segments(lo, hi):
+        x[offset : offset + length].copy_(logits[token : token + length])
     if temperature != 1.0:
         x.div_(temperature)
     if pad is not None:
@@ -170,24 +223,31 @@ def _order_by_value_then_id(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor
     return values.gather(-1, by_value), ids.gather(-1, by_value)
 
 
-def _local_topk(x: Tensor, k: int, shard: VocabShard) -> tuple[Tensor, Tensor]:
+def _local_topk(x: Tensor, k: int, shard: VocabShard, scratch: Tensor) -> tuple[Tensor, Tensor]:
     """Deterministic top-min(k, V/TP) of a chunk: among equal values the lowest global ids win.
 
-    ``torch.topk`` picks an arbitrary subset of values tied at the k-th place; rows with such ties
-    are redone exactly (rare with real logits; certain for k beyond the finite entries).
+    ``torch.topk`` picks an arbitrary subset of the values tied at the k-th place.  Asking it for
+    one more value shows which rows have such a tie (the (k+1)-th equals the k-th); in those rows
+    the slots after the values strictly above the k-th one are refilled with the lowest columns
+    holding the k-th value.  (Rare with fp32 logits, common with bf16, certain for k beyond the
+    finite entries.)
     """
     kk = min(k, x.shape[1])
-    values, cols = x.topk(kk, dim=-1, sorted=False)
-    kth = values.amin(dim=-1, keepdim=True)
-    tied_rows = ((x >= kth).sum(dim=-1) > kk).nonzero().view(-1)
-    if tied_rows.numel():
-        xt, kt = x.index_select(0, tied_rows), kth.index_select(0, tied_rows)
-        above, at = xt > kt, xt == kt
-        need = kk - above.sum(dim=-1, keepdim=True)
-        take = above | (at & (at.cumsum(dim=-1) <= need))
-        tied_cols = take.nonzero()[:, 1].view(-1, kk)  # row-major: lowest columns first
-        cols[tied_rows] = tied_cols
-        values[tied_rows] = xt.gather(1, tied_cols)
+    values, cols = x.topk(min(kk + 1, x.shape[1]), dim=-1, sorted=True)
+    if values.shape[1] > kk:
+        tied = values[:, kk] == values[:, kk - 1]
+        values, cols = values[:, :kk].contiguous(), cols[:, :kk].contiguous()
+        if bool(tied.any()):
+            kth = values[:, kk - 1 :]
+            n_above = (values > kth).sum(dim=-1)  # sorted: these fill the first slots already
+            at_kth = torch.eq(x, kth, out=scratch).nonzero()  # row-major: lowest columns first
+            at_kth = at_kth[tied[at_kth[:, 0]]]
+            row, col = at_kth[:, 0], at_kth[:, 1]
+            per_row = torch.bincount(row, minlength=x.shape[0])
+            rank = torch.arange(row.numel(), device=x.device) - (per_row.cumsum(0) - per_row)[row]
+            slot = n_above[row] + rank
+            keep = slot < kk
+            cols[row[keep], slot[keep]] = col[keep]
     return _order_by_value_then_id(values, cols + shard.start)
 
 
@@ -248,6 +308,8 @@ def vocab_parallel_summary(
     n, dtype, device = rows.numel(), compute_dtype(logits.dtype), logits.device
     pad = shard.padded_columns(device)
     step = shard.chunk_rows(chunk_tokens, device)
+    runs = _RowRuns(rows)
+    buffers = _ChunkBuffers(min(step, n), shard.size, device)
 
     maxima, log_z, entropy = (torch.empty(n, dtype=dtype, device=device) for _ in range(3))
     sampled = torch.empty(n, dtype=dtype, device=device) if sampled_ids is not None else None
@@ -256,13 +318,12 @@ def vocab_parallel_summary(
 
     for lo in range(0, n, step):
         hi = min(lo + step, n)
-        x = _load_chunk(logits, rows[lo:hi], temperature, pad)
+        x = _load_chunk(logits, runs, lo, hi, temperature, pad, buffers.get("x", hi - lo, dtype))
         m = _shift_by_global_max_([x], shard)[:, 0]
-        e = x.exp()
+        e = torch.exp(x, out=buffers.get("e", hi - lo, dtype))
         columns = [e.sum(dim=-1, keepdim=True), _rowdot(e, x).unsqueeze(1)]
         if sampled_ids is not None:
             columns.append(_pick_owned(x, sampled_ids[rows[lo:hi]].unsqueeze(1), shard))
-        del e
         sums = _all_reduce_sum_(torch.cat(columns, dim=1), shard)
         log_s = sums[:, 0].log()
         maxima[lo:hi], log_z[lo:hi] = m, m + log_s
@@ -270,7 +331,7 @@ def vocab_parallel_summary(
         if sampled is not None:
             sampled[lo:hi] = _restore_neg_inf(sums[:, 2]) - log_s
         if topk:
-            values, ids = _local_topk(x, topk, shard)
+            values, ids = _local_topk(x, topk, shard, buffers.get("eq", hi - lo, torch.bool))
             values, ids = _global_topk(values, ids, topk, shard)
             top_ids[lo:hi] = ids
             top_lp[lo:hi] = _restore_neg_inf(values) - log_s.unsqueeze(1)
@@ -313,21 +374,23 @@ class _VocabParallelTokenTerms(torch.autograd.Function):
         rkl = new(n) if plan.want_rkl else new(0)
         teacher_log_z = new(n) if has_teacher else new(0)
 
+        runs = _RowRuns(rows)
+        buffers = _ChunkBuffers(min(plan.chunk_rows, n), shard.size, device)
         for lo in range(0, n, plan.chunk_rows):
             hi = min(lo + plan.chunk_rows, n)
-            z = _load_chunk(logits, rows[lo:hi], plan.temperature, pad)
+            z = _load_chunk(logits, runs, lo, hi, plan.temperature, pad, buffers.get("z", hi - lo, dtype))
             chunks = [z]
             if has_teacher:
-                t = _load_chunk(teacher_logits, rows[lo:hi], plan.teacher_temperature, pad)
+                t = _load_chunk(
+                    teacher_logits, runs, lo, hi, plan.teacher_temperature, pad, buffers.get("t", hi - lo, dtype)
+                )
                 chunks.append(t)
             m = _shift_by_global_max_(chunks, shard)  # z, t now shifted (<= 0) and clamped
-            e = z.exp()
+            e = torch.exp(z, out=buffers.get("e", hi - lo, dtype))
             columns = [e.sum(dim=-1), _rowdot(e, z)]
             if has_teacher:
-                e_t = t.exp()
+                e_t = torch.exp(t, out=buffers.get("e_t", hi - lo, dtype))
                 columns += [e_t.sum(dim=-1), _rowdot(e_t, t), _rowdot(e_t, z), _rowdot(e, t)]
-                del e_t
-            del e
             picked = _pick_owned(z, gather_ids[lo:hi], shard)
             sums = _all_reduce_sum_(torch.cat([torch.stack(columns, dim=1), picked], dim=1), shard)
             # Naming: e = exp(a_z), e_t = exp(a_t); "et_z" is Σ e_t·a_z, "ez_t" is Σ e·a_t.
@@ -360,8 +423,9 @@ class _VocabParallelTokenTerms(torch.autograd.Function):
         logits, rows, gather_ids, teacher_logits, log_z, teacher_log_z, entropy, rkl = ctx.saved_tensors
         plan: _TermsPlan = ctx.plan
         shard = plan.shard
-        grad = torch.zeros_like(logits)
         n = rows.numel()
+        # Rows outside the selection get exactly zero; the others are all overwritten below.
+        grad = torch.empty_like(logits) if n == logits.shape[0] else torch.zeros_like(logits)
         if n == 0:
             return grad, None, None, None, None
         zeros = log_z.new_zeros(n)
@@ -371,6 +435,9 @@ class _VocabParallelTokenTerms(torch.autograd.Function):
         g_rkl = None if g_rkl is None or not plan.want_rkl else g_rkl
         g_ids_total = zeros if g_logprobs is None else g_logprobs.sum(dim=1)
         pad = shard.padded_columns(logits.device)
+        runs = _RowRuns(rows)
+        dtype = log_z.dtype
+        buffers = _ChunkBuffers(min(plan.chunk_rows, n), shard.size, logits.device)
 
         # d/dz of: log Z -> q;  log q(i) -> 1_i - q;  H -> -q(log q + H);  KL(p||q) -> q - p;
         # KL(q||p) -> q(log q - log p - KL).  So grad = q·(α·log q + β - g_rkl·log p) - g_fkl·p
@@ -384,23 +451,22 @@ class _VocabParallelTokenTerms(torch.autograd.Function):
 
         for lo in range(0, n, plan.chunk_rows):
             hi = min(lo + plan.chunk_rows, n)
-            r = rows[lo:hi]
-            log_q = _load_chunk(logits, r, plan.temperature, pad)
+            log_q = _load_chunk(logits, runs, lo, hi, plan.temperature, pad, buffers.get("z", hi - lo, dtype))
             log_q.sub_(log_z[lo:hi].unsqueeze(1)).clamp_(min=NEG_LARGE)
-            q = log_q.exp()
+            q = torch.exp(log_q, out=buffers.get("q", hi - lo, dtype))
             g = log_q.mul_(alpha[lo:hi].unsqueeze(1)).add_(beta[lo:hi].unsqueeze(1))  # reuses log_q
             if teacher_logits is not None and (g_fkl is not None or g_rkl is not None):
-                log_p = _load_chunk(teacher_logits, r, plan.teacher_temperature, pad)
+                log_p = _load_chunk(
+                    teacher_logits, runs, lo, hi, plan.teacher_temperature, pad, buffers.get("t", hi - lo, dtype)
+                )
                 log_p.sub_(teacher_log_z[lo:hi].unsqueeze(1)).clamp_(min=NEG_LARGE)
                 if g_rkl is not None:
                     g.addcmul_(log_p, g_rkl[lo:hi].unsqueeze(1), value=-1.0)
                 g.mul_(q)
                 if g_fkl is not None:
                     g.addcmul_(log_p.exp_(), g_fkl[lo:hi].unsqueeze(1), value=-1.0)
-                del log_p
             else:
                 g.mul_(q)
-            del q
             if g_logprobs is not None:
                 local, owned = _local_columns(gather_ids[lo:hi], shard)
                 g.scatter_add_(1, local, g_logprobs[lo:hi].masked_fill(~owned, 0.0))
@@ -408,7 +474,8 @@ class _VocabParallelTokenTerms(torch.autograd.Function):
                 g.masked_fill_(pad, 0.0)
             if plan.temperature != 1.0:
                 g.div_(plan.temperature)
-            grad.index_copy_(0, r, g.to(grad.dtype))
+            for offset, length, token in runs.segments(lo, hi):
+                grad[token : token + length].copy_(g[offset : offset + length])
         return grad, None, None, None, None
 
 

@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""Peak memory and time of the EOPD loss: vocab-parallel (chunked) vs a naive dense implementation.
+
+Both start from the same bf16 student logits (requires grad) and teacher logits of shape
+[tokens, vocab] and do the whole job: teacher entropy, sampled log-prob and top-k, then the
+student loss forward + backward.  The naive one is what a first implementation looks like: full
+fp32 upcast, dense log-softmax, autograd keeping the [tokens, vocab] fp32 log-probs.
+
+Memory column, CPU: the peak of live bytes allocated by torch's CPU allocator during one run,
+above what was live when it started (inputs excluded, the returned gradient included); it is
+replayed from the allocation and free events of ``torch.profiler`` (profile_memory=True), so
+short-lived temporaries are counted exactly.  CUDA: ``torch.cuda.max_memory_allocated`` above
+the start.  Time: median wall time over --repeats runs (interleaved), forward + backward, with
+--threads intra-op threads on CPU (default 1).
+On CUDA the table also gives the HBM floor: bytes of both logit tensors read once divided by the
+peak bandwidth, and how far above it the measured time is.
+
+    python tools/bench_loss.py                         # Qwen3 vocabulary, 256/1024/2048 tokens
+    python tools/bench_loss.py --tokens 4096 --device cuda
+    python tools/bench_loss.py --quick                 # seconds; used by the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_eopd.objective import EOPDLossConfig, compute_teacher_stats, eopd_loss  # noqa: E402
+
+QWEN3_VOCAB = 151_936
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Peak HBM bandwidth in GB/s by device-name fragment (vendor datasheets).
+PEAK_BANDWIDTH_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "A10": 600.0}
+
+
+def make_inputs(tokens, vocab, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    scale = torch.exp(torch.empty(tokens, 1).uniform_(0.0, 2.0, generator=gen))
+    student = (torch.randn(tokens, vocab, generator=gen) * scale).to(device=device, dtype=dtype)
+    teacher = (torch.randn(tokens, vocab, generator=gen) * scale).to(device=device, dtype=dtype)
+    sampled = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+    mask = (torch.rand(tokens, generator=gen) < 0.9).to(device)
+    old = (-3.0 + 0.3 * torch.randn(tokens, generator=gen)).to(device)
+    return student.requires_grad_(), teacher, sampled, mask, old
+
+
+def vocab_parallel_step(student, teacher, sampled, mask, old, cfg):
+    stats = compute_teacher_stats(teacher, sampled, topk=cfg.topk, response_mask=mask, chunk_tokens=cfg.chunk_tokens)
+    loss, _ = eopd_loss(student, sampled, mask, stats, old_logprobs=old, config=cfg)
+    loss.backward()
+    return loss.detach()
+
+
+def naive_step(student, teacher, sampled, mask, old, cfg):
+    with torch.no_grad():
+        teacher_logp = torch.log_softmax(teacher.float(), dim=-1)
+        teacher_entropy = -(teacher_logp.exp() * teacher_logp).sum(-1)
+        teacher_sampled = teacher_logp.gather(1, sampled[:, None])[:, 0]
+        top_logp, top_ids = teacher_logp.topk(cfg.topk, dim=-1)
+        del teacher_logp
+    logq = torch.log_softmax(student.float(), dim=-1)
+    logq_sampled = logq.gather(1, sampled[:, None])[:, 0]
+    advantage = teacher_sampled - old
+    ratio = torch.exp(logq_sampled - old)
+    clipped = ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
+    rkl = torch.maximum(-ratio * advantage, -clipped * advantage)
+    renorm = torch.log_softmax(top_logp, dim=-1)
+    fkl = (renorm.exp() * (renorm - logq.gather(1, top_ids))).sum(-1)
+    per_token = rkl + cfg.alpha * (teacher_entropy > cfg.tau).float() * fkl
+    loss = (per_token * mask).sum() / mask.sum()
+    loss.backward()
+    return loss.detach()
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The profiler's C++ side prints start/stop lines on fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def peak_bytes(step, inputs, cfg, device):
+    student = inputs[0]
+    student.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(*inputs, cfg)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(*inputs, cfg)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()  # negative for frees
+        peak = max(peak, live)
+    return peak
+
+
+def time_ms(step, inputs, cfg, device):
+    inputs[0].grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = step(*inputs, cfg)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3, out, inputs[0].grad
+
+
+def peak_bandwidth_gbs(device, override):
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in PEAK_BANDWIDTH_GBS.items() if key in name), None)
+
+
+def run(args):
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    cfg = EOPDLossConfig(topk=args.topk, tau=args.tau, chunk_tokens=args.chunk_tokens)
+    bandwidth = peak_bandwidth_gbs(device, args.peak_bandwidth_gbs)
+    rows = []
+    for tokens in args.tokens:
+        inputs = make_inputs(tokens, args.vocab, dtype, device)
+        impls = {"naive": naive_step, "vocab-parallel": vocab_parallel_step}
+        times = {name: [] for name in impls}
+        results = {}
+        if tokens == args.tokens[0]:
+            vocab_parallel_step(*inputs, cfg)  # warm-up (lazy init)
+        for _ in range(args.repeats):
+            for name, step in impls.items():
+                ms, loss, grad = time_ms(step, inputs, cfg, device)
+                times[name].append(ms)
+                results[name] = (loss, grad)
+        peaks = {name: peak_bytes(step, inputs, cfg, device) for name, step in impls.items()}
+        (loss_a, grad_a), (loss_b, grad_b) = results["naive"], results["vocab-parallel"]
+        loss_diff = abs(float(loss_a) - float(loss_b)) / max(abs(float(loss_a)), 1e-12)
+        grad_diff = float((grad_a.float() - grad_b.float()).abs().max())
+        floor_ms = None
+        if bandwidth:
+            floor_ms = 2 * tokens * args.vocab * inputs[0].element_size() / (bandwidth * 1e9) * 1e3
+        for name in impls:
+            rows.append(
+                dict(
+                    tokens=tokens,
+                    impl=name,
+                    peak_mib=peaks[name] / 2**20,
+                    mem_ratio=peaks["naive"] / max(peaks[name], 1),
+                    ms=statistics.median(times[name]),
+                    speedup=statistics.median(times["naive"]) / statistics.median(times[name]),
+                    floor_ms=floor_ms,
+                    loss_rel_diff=loss_diff,
+                    grad_max_diff=grad_diff,
+                )
+            )
+        del inputs, results
+        gc.collect()
+    return rows
+
+
+def render(rows, args):
+    headers = ["tokens", "impl", "peak MiB", "naive/this mem", "ms fwd+bwd", "speed vs naive"]
+    with_floor = any(r["floor_ms"] for r in rows)
+    if with_floor:
+        headers += ["HBM floor ms", "x floor"]
+    headers += ["loss rel diff", "grad max diff"]
+    table_rows = []
+    for r in rows:
+        cells = [str(r["tokens"]), r["impl"], f"{r['peak_mib']:.1f}", f"{r['mem_ratio']:.2f}x", f"{r['ms']:.1f}",
+                 f"{r['speedup']:.2f}x"]
+        if with_floor:
+            cells += [f"{r['floor_ms']:.3f}", f"{r['ms'] / r['floor_ms']:.1f}x"]
+        cells += [f"{r['loss_rel_diff']:.1e}", f"{r['grad_max_diff']:.1e}"]
+        table_rows.append(cells)
+    threads = f", {args.threads} thread(s)" if args.device == "cpu" else ""
+    title = (f"EOPD loss, vocab {args.vocab}, {args.dtype}, top-{args.topk}, device {args.device}{threads}, "
+             f"TP=1, median of {args.repeats}")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in headers:
+            table.add_column(h, justify="left" if h == "impl" else "right")
+        for cells in table_rows:
+            table.add_row(*cells)
+        Console(width=160).print(table)
+    except ImportError:
+        widths = [max(len(h), *(len(c[i]) for c in table_rows)) for i, h in enumerate(headers)]
+        print(title)
+        print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+        for cells in table_rows:
+            print("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    print("peak memory: torch allocator bytes live above the start (inputs excluded, gradient included)")
+    print("diff columns: naive vs vocab-parallel.  With bf16 logits many top-k boundaries are ties, which\n"
+          "torch.topk breaks arbitrarily (the vocab-parallel top-k takes the lowest ids, like the fp64\n"
+          "reference in tests/), so ~1e-4 loss differences are expected; fp32 logits agree to ~1e-7.")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024, 2048],
+                        help="comma-separated token counts (default 256,1024,2048)")
+    parser.add_argument("--vocab", type=int, default=QWEN3_VOCAB)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per size (median); default 1 keeps the default run under ~2 min on 2 CPU cores")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads on CPU (default 1: on a shared 2-core machine OpenMP "
+                             "barriers against a busy core distort both columns; one core per TP rank)")
+    parser.add_argument("--topk", type=int, default=16)
+    parser.add_argument("--tau", type=float, default=0.8)
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="default: the loss's own choice")
+    parser.add_argument("--peak-bandwidth-gbs", type=float, default=None,
+                        help="override the GPU's peak memory bandwidth for the HBM floor")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (a few seconds)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.vocab, args.repeats = [256], 16384, 1
+        args.chunk_tokens = args.chunk_tokens or 32
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = run(args)
+    render(rows, args)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
