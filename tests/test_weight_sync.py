@@ -363,6 +363,53 @@ def test_tp2pp2_student_exports_for_vllm(ctx):
     dist.barrier()
 
 
+@multirank_check(tp=2, pp=2)
+def test_tp2pp2_syncer_orchestrates_all_ranks(ctx):
+    """WeightSyncer at TP2 x PP2 with the engine (the HF fallback) on rank 0 only: both paths, and a
+    broken exporter makes every rank stop - rank 0 with the probe error, the others with its verdict."""
+    import megatron_eopd.models.qwen3.mapping as mapping
+    from megatron_eopd.checkpoint import HFSafetensors
+    from megatron_eopd.models.qwen3 import build_qwen3_gpt, load_hf_weights
+    from megatron_eopd.rollout import (
+        ParityProbeConfig,
+        ParityProbeError,
+        RolloutConfig,
+        WeightSyncer,
+        WeightSyncError,
+        create_rollout_engine,
+    )
+    from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
+
+    tiny = ctx.shared_dir / "tiny"
+    if ctx.rank == 0:
+        make_tiny_qwen3(tiny, seed=SEED + 200)
+    dist.barrier()
+    model = build_qwen3_gpt(tiny, params_dtype=torch.float32, layer_spec="local", perform_initialization=False)
+    load_hf_weights(model, HFSafetensors(tiny))
+    config = RolloutConfig(engine="hf", dtype="float32", show_progress=False, sync_dir=str(ctx.shared_dir / "sync"),
+                           parity=ParityProbeConfig(num_sequences=2, sequence_length=24, seed=SEED, **TIGHT))
+    engine = create_rollout_engine(config, tiny) if ctx.rank == 0 else None
+    syncer = WeightSyncer(engine, config)
+    for method in ("memory", "disk"):
+        # Same seed on every rank keeps TP-replicated tensors (norms) identical across TP ranks.
+        _perturb(model, seed=SEED + len(method))
+        report = syncer.sync(model, method=method)
+        if ctx.rank == 0:
+            assert report.parity.passed and report.load.not_updated == [], report.parity.summary()
+        else:
+            assert report.load is None and report.parity is None
+
+    real = mapping.iter_hf_weights
+    mapping.iter_hf_weights = lambda *a, **k: _swap_gate_up(real(*a, **k), model.eopd_arch)
+    try:
+        _perturb(model, seed=SEED + 10)
+        expected = ParityProbeError if ctx.rank == 0 else WeightSyncError
+        with pytest.raises(expected, match="sync-step3-memory"):
+            syncer.sync(model, method="memory")
+    finally:
+        mapping.iter_hf_weights = real
+
+
 @pytest.mark.vllm
 def test_vllm_takes_the_tp2pp2_students_weights_both_ways(engine, student, syncer, multirank_results):
     from megatron_eopd.checkpoint import HFSafetensors

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Time both weight-sync paths (Megatron student -> vLLM) and extrapolate to Qwen3-4B by bytes moved.
+
+For each model size: build the Megatron student (TP1/PP1, in this process) from a random HF Qwen3,
+start vLLM on its HF export, then run ``WeightSyncer.sync`` ``--repeats`` times per path:
+
+* memory: exporter -> bucketed RPC into vLLM's worker extension -> ``load_weights`` in place;
+* disk:   exporter -> safetensors HF directory under a sync dir -> vLLM in-place reload.
+
+Sync time (export + transfer + load) and the parity probe are timed separately.  A line
+``t = fixed + bytes / throughput`` fitted through the sizes' medians gives the Qwen3-4B estimate
+(bf16, tied embedding sent once).  Numbers on a CPU machine describe the CPU transports (tensor
+bytes inside the RPC message; disk through the page cache); on GPU clusters the in-memory path would
+use CUDA IPC / NCCL and the disk path a shared file system, so re-run it there.
+
+    python tools/bench_weight_sync.py                 # tiny + small, bf16
+    python tools/bench_weight_sync.py --sizes tiny --repeats 2 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SIZES = {
+    # name: make_tiny_qwen3 keyword arguments
+    "tiny": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, ffn_hidden_size=128),
+    "small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64, ffn_hidden_size=1536,
+                  vocab_size=4096, init_std=0.02),
+}
+
+
+def _bench_size(name: str, args, workdir: Path) -> list[dict]:
+    import torch
+
+    from megatron_eopd.checkpoint import HFSafetensors
+    from megatron_eopd.checkpoint.hf_writer import copy_side_files, write_hf_weights
+    from megatron_eopd.models.qwen3 import build_qwen3_gpt, expected_hf_shapes, iter_hf_weights, load_hf_weights
+    from megatron_eopd.rollout import (
+        ParityProbeConfig,
+        RolloutConfig,
+        SamplingSettings,
+        WeightSyncer,
+        check_parity,
+        create_rollout_engine,
+        megatron_sequence_logprobs,
+        probe_sequences,
+    )
+    from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
+
+    dtype = getattr(torch, args.dtype)
+    src = make_tiny_qwen3(workdir / f"{name}-init", dtype=args.dtype, **SIZES[name])
+    student = build_qwen3_gpt(src, params_dtype=dtype, layer_spec="local", perform_initialization=False)
+    load_hf_weights(student, HFSafetensors(src))
+    student.eval()
+    served = workdir / f"{name}-served"
+    served.mkdir()
+    write_hf_weights(served, iter_hf_weights(student, to_rank=0), expected_hf_shapes(student.eopd_arch), dtype)
+    (served / "config.json").write_text((src / "config.json").read_text())
+    copy_side_files(src, served)
+
+    tight = args.dtype == "float32"
+    config = RolloutConfig(
+        engine="vllm", dtype=args.dtype, enforce_eager=True, max_model_len=256, show_progress=False,
+        sampling=SamplingSettings(max_tokens=16), sync_dir=str(workdir / f"{name}-sync"),
+        sync_bucket_mb=args.bucket_mb,
+        parity=ParityProbeConfig(max_abs_tolerance=1e-3 if tight else 0.5, mean_abs_tolerance=1e-4 if tight else 0.05),
+    )
+    engine = create_rollout_engine(config, served)
+    syncer = WeightSyncer(engine, config)
+    rows = []
+    try:
+        for method in ("memory", "disk"):
+            times, probes, report = [], [], None
+            for rep in range(args.repeats):
+                with torch.no_grad():
+                    for p in student.parameters():
+                        p.add_(1e-3 * torch.randn_like(p))
+                t0 = time.perf_counter()
+                report = syncer.sync(student, method=method, probe=False)
+                times.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                seqs = probe_sequences(config.parity, student.eopd_arch.vocab_size)
+                # Reported, not raised: the table shows the agreement next to the timings.
+                result = check_parity(engine, megatron_sequence_logprobs(student, seqs), seqs,
+                                      probe=f"bench-{name}-{method}-{rep}", config=config.parity,
+                                      raise_on_failure=False)
+                probes.append(time.perf_counter() - t1)
+            rows.append(dict(size=name, method=method, tensors=report.load.num_tensors, bytes=report.load.num_bytes,
+                             messages=report.load.num_messages, sync_s=statistics.median(times),
+                             probe_s=statistics.median(probes), max_diff=result.max_abs_diff,
+                             mean_diff=result.mean_abs_diff))
+    finally:
+        engine.close()
+    return rows
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``t = a + b * bytes`` (one point: a = 0)."""
+    if len(points) == 1:
+        x, y = points[0]
+        return 0.0, y / x
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return max(my - b * mx, 0.0), b
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="tiny,small", help=f"comma-separated, from {sorted(SIZES)}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--bucket-mb", type=float, default=512.0, help="in-memory sync bucket size")
+    args = parser.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"unknown sizes {unknown}; choose from {sorted(SIZES)}")
+
+    from megatron_eopd.models.qwen3 import QWEN3_PRESETS
+    from megatron_eopd.platform import init_distributed, init_model_parallel, shutdown
+
+    init_distributed()
+    init_model_parallel(1, 1)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_weight_sync_") as tmp:
+            for size in sizes:
+                rows.extend(_bench_size(size, args, Path(tmp)))
+    finally:
+        shutdown()
+
+    mib = 1024**2
+    print(f"\nWeight sync, Megatron TP1/PP1 -> vLLM ({args.dtype}, bucket {args.bucket_mb:g} MiB, "
+          f"median of {args.repeats})")
+    header = f"{'size':6} {'path':7} {'tensors':>7} {'MiB':>9} {'msgs':>5} {'sync s':>8} {'MiB/s':>8} {'probe s':>8} {'max diff':>9} {'mean diff':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['size']:6} {r['method']:7} {r['tensors']:7d} {r['bytes'] / mib:9.2f} {r['messages']:5d} "
+              f"{r['sync_s']:8.3f} {r['bytes'] / mib / r['sync_s']:8.1f} {r['probe_s']:8.3f} {r['max_diff']:9.2e} {r['mean_diff']:9.2e}")
+
+    arch = QWEN3_PRESETS["Qwen3-4B"]
+    bytes_4b = arch.total_parameters() * 2  # bf16; a tied embedding is exported once
+    print(f"\nExtrapolation to Qwen3-4B: {arch.total_parameters() / 1e9:.2f} B parameters, {bytes_4b / 1024**3:.2f} GiB "
+          f"in bf16 (fit t = fixed + bytes / throughput over the sizes above)")
+    header = f"{'path':7} {'fixed s':>8} {'MiB/s':>8} {'est. sync s':>12}"
+    print(header)
+    print("-" * len(header))
+    for method in ("memory", "disk"):
+        pts = [(r["bytes"], r["sync_s"]) for r in rows if r["method"] == method]
+        fixed, per_byte = _fit(pts)
+        throughput = 1 / per_byte / mib if per_byte > 0 else float("inf")
+        print(f"{method:7} {fixed:8.3f} {throughput:8.1f} {fixed + per_byte * bytes_4b:12.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
