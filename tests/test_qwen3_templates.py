@@ -46,7 +46,9 @@ def test_chat_prompt_matches_the_tokenizers_chat_template(tokenizer):
     problem = "what is two plus three ?"
     ours = format_prompt(problem, "train")
     theirs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_message(problem, "train")}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": user_message(problem, "train")}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert ours == theirs
     assert ours.endswith("<|im_start|>assistant\n")

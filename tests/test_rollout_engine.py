@@ -81,7 +81,10 @@ def test_parity_config_validation():
 def test_config_builds_from_plain_data_through_the_schema():
     from megatron_eopd.config import ConfigError, from_dict
 
-    config = from_dict(RolloutConfig, {"engine": "hf", "sampling": {"n": 4, "top_p": 0.8}, "parity": {"max_abs_tolerance": 0.1}})
+    config = from_dict(
+        RolloutConfig,
+        {"engine": "hf", "sampling": {"n": 4, "top_p": 0.8}, "parity": {"max_abs_tolerance": 0.1}},
+    )
     assert config.sampling.n == 4 and config.sampling.top_p == 0.8 and config.parity.max_abs_tolerance == 0.1
     with pytest.raises(ConfigError, match="top_p"):
         from_dict(RolloutConfig, {"sampling": {"top_p": 2.0}})
@@ -118,7 +121,11 @@ def engine(request, tiny_dir):
     if request.param == "vllm" and not vllm_importable():
         pytest.skip("vllm is not importable in this environment")
     config = RolloutConfig(
-        engine=request.param, dtype="float32", enforce_eager=True, max_model_len=256, show_progress=False,
+        engine=request.param,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        show_progress=False,
         sampling=SamplingSettings(max_tokens=64),
     )
     eng = create_rollout_engine(config, tiny_dir)
@@ -132,7 +139,7 @@ def eos_id(hf_model) -> int:
 
 
 def _recomputed_logprobs(hf_model, prompt, response):
-    return hf_sequence_logprobs(hf_model, [list(prompt) + list(response)])[0][len(prompt) - 1:]
+    return hf_sequence_logprobs(hf_model, [list(prompt) + list(response)])[0][len(prompt) - 1 :]
 
 
 def test_shapes_and_n_samples(engine):
@@ -161,7 +168,9 @@ def test_max_tokens_ends_with_length(engine, eos_id):
 
 
 def test_stop_tokens_end_the_response_and_are_kept(engine, eos_id):
-    stop = [t for t in range(0, eos_id, 2)]  # half the vocabulary: almost every sample stops within a few tokens
+    stop = [
+        t for t in range(0, eos_id, 2)
+    ]  # half the vocabulary: almost every sample stops within a few tokens
     batch = engine.generate(PROMPTS, SamplingSettings(n=4, max_tokens=40, stop_token_ids=stop, seed=3))
     stopped = 0
     for _, sample in batch.flat():
@@ -216,9 +225,17 @@ def test_score_matches_a_recomputation(engine, hf_model):
 def test_hf_fallback_processed_logprobs_follow_the_sampler(tiny_dir, hf_model):
     config = RolloutConfig(engine="hf", dtype="float32", logprobs_mode="processed", show_progress=False)
     eng = create_rollout_engine(config, tiny_dir)
-    sample = eng.generate([PROMPTS[0]], SamplingSettings(n=1, max_tokens=4, temperature=0.5, seed=9)).results[0].samples[0]
+    sample = (
+        eng.generate([PROMPTS[0]], SamplingSettings(n=1, max_tokens=4, temperature=0.5, seed=9))
+        .results[0]
+        .samples[0]
+    )
     ids = torch.tensor([PROMPTS[0] + sample.token_ids])
     with torch.no_grad():
-        logits = hf_model(input_ids=ids).logits[0, len(PROMPTS[0]) - 1: -1]
-    expected = torch.log_softmax(logits / 0.5, dim=-1).gather(-1, torch.tensor(sample.token_ids)[:, None]).squeeze(-1)
+        logits = hf_model(input_ids=ids).logits[0, len(PROMPTS[0]) - 1 : -1]
+    expected = (
+        torch.log_softmax(logits / 0.5, dim=-1)
+        .gather(-1, torch.tensor(sample.token_ids)[:, None])
+        .squeeze(-1)
+    )
     torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-4, rtol=0)

@@ -58,10 +58,15 @@ def converted(tmp_path_factory):
     from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
 
     root = tmp_path_factory.mktemp("weight_sync")
-    tiny = make_tiny_qwen3(root / "tiny", seed=SEED)
+    # Tied embeddings, like the paper's students (Qwen3-0.6B/1.7B/4B-Base).
+    tiny = make_tiny_qwen3(root / "tiny", seed=SEED, tie_word_embeddings=True)
     ckpt, served = root / "mcore", root / "served"
-    assert hf_to_mcore_main(["--hf-dir", str(tiny), "--output", str(ckpt), "--dtype", "fp32",
-                             "--layer-spec", "local"]) == 0
+    assert (
+        hf_to_mcore_main(
+            ["--hf-dir", str(tiny), "--output", str(ckpt), "--dtype", "fp32", "--layer-spec", "local"]
+        )
+        == 0
+    )
     assert mcore_to_hf_main(["--mcore-dir", str(ckpt), "--output", str(served)]) == 0
     return served, ckpt
 
@@ -77,7 +82,9 @@ def student(converted):
     started = not dist.is_initialized()
     init_distributed(device="cpu")
     init_model_parallel(1, 1, seed=SEED)
-    model = build_qwen3_gpt(served, params_dtype=torch.float32, layer_spec="local", perform_initialization=False)
+    model = build_qwen3_gpt(
+        served, params_dtype=torch.float32, layer_spec="local", perform_initialization=False
+    )
     load_mcore_checkpoint(model, ckpt)
     model.eval()
     yield model
@@ -145,8 +152,10 @@ def _assert_sampled_logprobs_match_megatron(engine, student, prompts):
     sequences = [prompts[i] + s.token_ids for i, s in flat]
     megatron = _megatron_logprobs(student, sequences)
     for (i, sample), lp in zip(flat, megatron):
-        expected = lp[len(prompts[i]) - 1:]
-        torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=TIGHT["max_abs_tolerance"], rtol=0)
+        expected = lp[len(prompts[i]) - 1 :]
+        torch.testing.assert_close(
+            torch.tensor(sample.logprobs), expected, atol=TIGHT["max_abs_tolerance"], rtol=0
+        )
 
 
 # --------------------------------------------------------------------------- the converted student
@@ -161,8 +170,13 @@ def test_vllm_sampled_logprobs_match_megatron_on_the_converted_student(engine, s
 def test_probe_passes_before_any_training(engine, student, probe_seqs):
     from megatron_eopd.rollout import check_parity
 
-    report = check_parity(engine, _megatron_logprobs(student, probe_seqs), probe_seqs, probe="initial",
-                          config=engine.config.parity)
+    report = check_parity(
+        engine,
+        _megatron_logprobs(student, probe_seqs),
+        probe_seqs,
+        probe="initial",
+        config=engine.config.parity,
+    )
     assert report.passed and report.num_tokens == 3 * 39
 
 
@@ -178,8 +192,13 @@ def test_memory_sync_after_an_optimizer_step(engine, student, syncer, probe_seqs
     _optimizer_step(student)
     # Not synced yet: the probe sees an engine that lags the student.
     with pytest.raises(ParityProbeError, match="'stale-engine'"):
-        check_parity(engine, _megatron_logprobs(student, probe_seqs), probe_seqs, probe="stale-engine",
-                     config=engine.config.parity)
+        check_parity(
+            engine,
+            _megatron_logprobs(student, probe_seqs),
+            probe_seqs,
+            probe="stale-engine",
+            config=engine.config.parity,
+        )
 
     report = syncer.sync(student, method="memory")
     assert report.parity is not None and report.parity.passed, report.parity.summary()
@@ -202,7 +221,9 @@ def test_disk_sync_after_a_perturbation(engine, student, syncer, probe_seqs):
     sync_dir = Path(engine.config.sync_dir)
     written = sorted(p.name for p in sync_dir.iterdir())
     assert len(written) == 1 and (sync_dir / written[0] / "model.safetensors").is_file()
-    assert (sync_dir / written[0] / "config.json").is_file() and (sync_dir / written[0] / "tokenizer.json").is_file()
+    assert (sync_dir / written[0] / "config.json").is_file() and (
+        sync_dir / written[0] / "tokenizer.json"
+    ).is_file()
     after = engine.score(probe_seqs)
     assert max(float((a - b).abs().max()) for a, b in zip(after, before)) > 0.05
 
@@ -254,7 +275,11 @@ def _drop_down_proj(stream, arch):
             yield name, tensor
 
 
-BROKEN = {"qkv_naive_split": _naive_qkv_split, "gate_up_swapped": _swap_gate_up, "stale_down_proj": _drop_down_proj}
+BROKEN = {
+    "qkv_naive_split": _naive_qkv_split,
+    "gate_up_swapped": _swap_gate_up,
+    "stale_down_proj": _drop_down_proj,
+}
 
 
 @pytest.fixture
@@ -278,13 +303,19 @@ def broken_exporter(monkeypatch, engine, student, syncer):
 @pytest.mark.vllm
 @pytest.mark.parametrize(
     "kind, method",
-    [("qkv_naive_split", "memory"), ("qkv_naive_split", "disk"), ("gate_up_swapped", "memory"),
-     ("stale_down_proj", "memory")],
+    [
+        ("qkv_naive_split", "memory"),
+        ("qkv_naive_split", "disk"),
+        ("gate_up_swapped", "memory"),
+        ("stale_down_proj", "memory"),
+    ],
 )
 def test_a_broken_mapping_is_caught_by_the_probe(kind, method, broken_exporter, engine, student, syncer):
     from megatron_eopd.rollout import ParityProbeError
 
-    _perturb(student, scale=0.05, seed=zlib.crc32(kind.encode()))  # so a stale tensor differs from the new one
+    _perturb(
+        student, scale=0.05, seed=zlib.crc32(kind.encode())
+    )  # so a stale tensor differs from the new one
     broken_exporter(kind)
     syncer.strict = False  # let the stale tensor through: the probe alone must catch it
     try:
@@ -314,28 +345,41 @@ def test_a_stale_tensor_is_named_by_the_strict_sync(broken_exporter, student, sy
 
 @multirank_check(tp=2, pp=2)
 def test_tp2pp2_student_exports_for_vllm(ctx):
-    """Build the student at TP2 x PP2, perturb it, export it (exporter -> HF dir) and score the probe."""
+    """Build the (tied) student at TP2 x PP2 from perturbed weights, export it and score the probe."""
     import json
     import shutil
 
     from megatron_eopd.checkpoint import HFSafetensors
     from megatron_eopd.checkpoint.hf_writer import copy_side_files, write_hf_weights
-    from megatron_eopd.models.qwen3 import build_qwen3_gpt, expected_hf_shapes, iter_hf_weights, load_hf_weights
-    from megatron_eopd.rollout import ParityProbeConfig, compare_logprobs, hf_sequence_logprobs, probe_sequences
-    from megatron_eopd.rollout import megatron_sequence_logprobs
+    from megatron_eopd.models.qwen3 import (
+        build_qwen3_gpt,
+        expected_hf_shapes,
+        iter_hf_weights,
+        load_hf_weights,
+    )
+    from megatron_eopd.rollout import (
+        ParityProbeConfig,
+        compare_logprobs,
+        hf_sequence_logprobs,
+        megatron_sequence_logprobs,
+        probe_sequences,
+    )
     from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
 
     out = ctx.shared_dir.parent / ARTIFACTS
     if ctx.rank == 0:
         shutil.rmtree(out, ignore_errors=True)
-        make_tiny_qwen3(out / "tiny", seed=SEED + 100)
+        make_tiny_qwen3(out / "tiny", seed=SEED + 100, tie_word_embeddings=True)  # as the engine's model
     dist.barrier()
-    model = build_qwen3_gpt(out / "tiny", params_dtype=torch.float32, layer_spec="local", perform_initialization=False)
-    load_hf_weights(model, HFSafetensors(out / "tiny"))
-    with torch.no_grad():  # same noise on TP ranks for replicated tensors (seeded by name only)
-        for name, param in model.named_parameters():
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{ctx.pp_rank}/{name}".encode()))
-            param.add_(0.02 * torch.randn(param.shape, generator=gen))
+    model = build_qwen3_gpt(
+        out / "tiny", params_dtype=torch.float32, layer_spec="local", perform_initialization=False
+    )
+    # Perturb in HF space, identically on every rank: a tied model's last stage holds its own copy
+    # of the embedding as output layer, and the two copies must stay equal (as training keeps them).
+    gen = torch.Generator().manual_seed(SEED)
+    source = sorted(HFSafetensors(out / "tiny").items())
+    weights = {name: t + 0.02 * torch.randn(t.shape, generator=gen) for name, t in source}
+    load_hf_weights(model, weights)
 
     stream = iter_hf_weights(model, to_rank=0)
     if ctx.rank == 0:
@@ -355,8 +399,9 @@ def test_tp2pp2_student_exports_for_vllm(ctx):
 
         # Without vLLM: the exported directory computes what the TP2 x PP2 student computes.
         hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
-        report = compare_logprobs(hf_sequence_logprobs(hf, sequences), megatron, sequences, probe="tp2pp2-hf",
-                                  config=config)
+        report = compare_logprobs(
+            hf_sequence_logprobs(hf, sequences), megatron, sequences, probe="tp2pp2-hf", config=config
+        )
         assert report.passed, report.summary()
         torch.save({"sequences": sequences, "logprobs": megatron}, out / "megatron_logprobs.pt")
         (out / "done.json").write_text(json.dumps({"tp": ctx.tp, "pp": ctx.pp}))
@@ -382,12 +427,19 @@ def test_tp2pp2_syncer_orchestrates_all_ranks(ctx):
 
     tiny = ctx.shared_dir / "tiny"
     if ctx.rank == 0:
-        make_tiny_qwen3(tiny, seed=SEED + 200)
+        make_tiny_qwen3(tiny, seed=SEED + 200)  # untied (the tied case runs with vLLM above)
     dist.barrier()
-    model = build_qwen3_gpt(tiny, params_dtype=torch.float32, layer_spec="local", perform_initialization=False)
+    model = build_qwen3_gpt(
+        tiny, params_dtype=torch.float32, layer_spec="local", perform_initialization=False
+    )
     load_hf_weights(model, HFSafetensors(tiny))
-    config = RolloutConfig(engine="hf", dtype="float32", show_progress=False, sync_dir=str(ctx.shared_dir / "sync"),
-                           parity=ParityProbeConfig(num_sequences=2, sequence_length=24, seed=SEED, **TIGHT))
+    config = RolloutConfig(
+        engine="hf",
+        dtype="float32",
+        show_progress=False,
+        sync_dir=str(ctx.shared_dir / "sync"),
+        parity=ParityProbeConfig(num_sequences=2, sequence_length=24, seed=SEED, **TIGHT),
+    )
     engine = create_rollout_engine(config, tiny) if ctx.rank == 0 else None
     syncer = WeightSyncer(engine, config)
     for method in ("memory", "disk"):
@@ -415,7 +467,10 @@ def test_vllm_takes_the_tp2pp2_students_weights_both_ways(engine, student, synce
     from megatron_eopd.checkpoint import HFSafetensors
     from megatron_eopd.rollout import check_parity
 
-    spec = next((s for s in multirank_results.specs if s.function_name == "test_tp2pp2_student_exports_for_vllm"), None)
+    spec = next(
+        (s for s in multirank_results.specs if s.function_name == "test_tp2pp2_student_exports_for_vllm"),
+        None,
+    )
     if spec is None:
         pytest.skip("the TP2xPP2 export check was deselected; select it too (it produces this test's input)")
     multirank_results.assert_passed(spec)

@@ -32,8 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SIZES = {
     # name: make_tiny_qwen3 keyword arguments
     "tiny": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, ffn_hidden_size=128),
-    "small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64, ffn_hidden_size=1536,
-                  vocab_size=4096, init_std=0.02),
+    "small": dict(
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+        ffn_hidden_size=1536,
+        vocab_size=4096,
+        init_std=0.02,
+    ),
 }
 
 
@@ -42,7 +50,12 @@ def _bench_size(name: str, args, workdir: Path) -> list[dict]:
 
     from megatron_eopd.checkpoint import HFSafetensors
     from megatron_eopd.checkpoint.hf_writer import copy_side_files, write_hf_weights
-    from megatron_eopd.models.qwen3 import build_qwen3_gpt, expected_hf_shapes, iter_hf_weights, load_hf_weights
+    from megatron_eopd.models.qwen3 import (
+        build_qwen3_gpt,
+        expected_hf_shapes,
+        iter_hf_weights,
+        load_hf_weights,
+    )
     from megatron_eopd.rollout import (
         ParityProbeConfig,
         RolloutConfig,
@@ -62,16 +75,25 @@ def _bench_size(name: str, args, workdir: Path) -> list[dict]:
     student.eval()
     served = workdir / f"{name}-served"
     served.mkdir()
-    write_hf_weights(served, iter_hf_weights(student, to_rank=0), expected_hf_shapes(student.eopd_arch), dtype)
+    write_hf_weights(
+        served, iter_hf_weights(student, to_rank=0), expected_hf_shapes(student.eopd_arch), dtype
+    )
     (served / "config.json").write_text((src / "config.json").read_text())
     copy_side_files(src, served)
 
     tight = args.dtype == "float32"
     config = RolloutConfig(
-        engine="vllm", dtype=args.dtype, enforce_eager=True, max_model_len=256, show_progress=False,
-        sampling=SamplingSettings(max_tokens=16), sync_dir=str(workdir / f"{name}-sync"),
+        engine="vllm",
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=256,
+        show_progress=False,
+        sampling=SamplingSettings(max_tokens=16),
+        sync_dir=str(workdir / f"{name}-sync"),
         sync_bucket_mb=args.bucket_mb,
-        parity=ParityProbeConfig(max_abs_tolerance=1e-3 if tight else 0.5, mean_abs_tolerance=1e-4 if tight else 0.05),
+        parity=ParityProbeConfig(
+            max_abs_tolerance=1e-3 if tight else 0.5, mean_abs_tolerance=1e-4 if tight else 0.05
+        ),
     )
     engine = create_rollout_engine(config, served)
     syncer = WeightSyncer(engine, config)
@@ -89,14 +111,28 @@ def _bench_size(name: str, args, workdir: Path) -> list[dict]:
                 t1 = time.perf_counter()
                 seqs = probe_sequences(config.parity, student.eopd_arch.vocab_size)
                 # Reported, not raised: the table shows the agreement next to the timings.
-                result = check_parity(engine, megatron_sequence_logprobs(student, seqs), seqs,
-                                      probe=f"bench-{name}-{method}-{rep}", config=config.parity,
-                                      raise_on_failure=False)
+                result = check_parity(
+                    engine,
+                    megatron_sequence_logprobs(student, seqs),
+                    seqs,
+                    probe=f"bench-{name}-{method}-{rep}",
+                    config=config.parity,
+                    raise_on_failure=False,
+                )
                 probes.append(time.perf_counter() - t1)
-            rows.append(dict(size=name, method=method, tensors=report.load.num_tensors, bytes=report.load.num_bytes,
-                             messages=report.load.num_messages, sync_s=statistics.median(times),
-                             probe_s=statistics.median(probes), max_diff=result.max_abs_diff,
-                             mean_diff=result.mean_abs_diff))
+            rows.append(
+                dict(
+                    size=name,
+                    method=method,
+                    tensors=report.load.num_tensors,
+                    bytes=report.load.num_bytes,
+                    messages=report.load.num_messages,
+                    sync_s=statistics.median(times),
+                    probe_s=statistics.median(probes),
+                    max_diff=result.max_abs_diff,
+                    mean_diff=result.mean_abs_diff,
+                )
+            )
     finally:
         engine.close()
     return rows
@@ -140,19 +176,30 @@ def main(argv=None) -> int:
         shutdown()
 
     mib = 1024**2
-    print(f"\nWeight sync, Megatron TP1/PP1 -> vLLM ({args.dtype}, bucket {args.bucket_mb:g} MiB, "
-          f"median of {args.repeats})")
-    header = f"{'size':6} {'path':7} {'tensors':>7} {'MiB':>9} {'msgs':>5} {'sync s':>8} {'MiB/s':>8} {'probe s':>8} {'max diff':>9} {'mean diff':>9}"
+    print(
+        f"\nWeight sync, Megatron TP1/PP1 -> vLLM ({args.dtype}, bucket {args.bucket_mb:g} MiB, "
+        f"median of {args.repeats})"
+    )
+    header = (
+        f"{'size':6} {'path':7} {'tensors':>7} {'MiB':>9} {'msgs':>5} {'sync s':>8} {'MiB/s':>8} "
+        f"{'probe s':>8} {'max diff':>9} {'mean diff':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['size']:6} {r['method']:7} {r['tensors']:7d} {r['bytes'] / mib:9.2f} {r['messages']:5d} "
-              f"{r['sync_s']:8.3f} {r['bytes'] / mib / r['sync_s']:8.1f} {r['probe_s']:8.3f} {r['max_diff']:9.2e} {r['mean_diff']:9.2e}")
+        print(
+            f"{r['size']:6} {r['method']:7} {r['tensors']:7d} {r['bytes'] / mib:9.2f} {r['messages']:5d} "
+            f"{r['sync_s']:8.3f} {r['bytes'] / mib / r['sync_s']:8.1f} {r['probe_s']:8.3f} "
+            f"{r['max_diff']:9.2e} {r['mean_diff']:9.2e}"
+        )
 
     arch = QWEN3_PRESETS["Qwen3-4B"]
     bytes_4b = arch.total_parameters() * 2  # bf16; a tied embedding is exported once
-    print(f"\nExtrapolation to Qwen3-4B: {arch.total_parameters() / 1e9:.2f} B parameters, {bytes_4b / 1024**3:.2f} GiB "
-          f"in bf16 (fit t = fixed + bytes / throughput over the sizes above)")
+    print(
+        f"\nExtrapolation to Qwen3-4B: {arch.total_parameters() / 1e9:.2f} B parameters, "
+        f"{bytes_4b / 1024**3:.2f} GiB "
+        f"in bf16 (fit t = fixed + bytes / throughput over the sizes above)"
+    )
     header = f"{'path':7} {'fixed s':>8} {'MiB/s':>8} {'est. sync s':>12}"
     print(header)
     print("-" * len(header))

@@ -113,7 +113,7 @@ class RolloutBatch:
         return [(i, s) for i, r in enumerate(self.results) for s in r.samples]
 
     def response_tensors(self, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ``(token_ids [N, R] long, mask [N, R] bool, logprobs [N, R] float32)``, prompt-major."""
+        """Right-padded, prompt-major ``(token_ids [N, R] long, mask [N, R] bool, logprobs [N, R] fp32)``."""
         flat = self.flat()
         width = max((len(s.token_ids) for _, s in flat), default=0)
         ids = torch.full((len(flat), width), pad_token_id, dtype=torch.long)
@@ -219,7 +219,9 @@ class RolloutConfig:
         if self.engine not in ("vllm", "hf"):
             raise ValueError(f"rollout.engine must be 'vllm' or 'hf', got {self.engine!r}")
         if self.logprobs_mode not in ("raw", "processed"):
-            raise ValueError(f"rollout.logprobs_mode must be 'raw' or 'processed', got {self.logprobs_mode!r}")
+            raise ValueError(
+                f"rollout.logprobs_mode must be 'raw' or 'processed', got {self.logprobs_mode!r}"
+            )
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"rollout.dtype must be auto/bfloat16/float16/float32, got {self.dtype!r}")
         if self.gpu_memory_utilization is not None and not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -266,13 +268,20 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def generate(
-        self, prompts: Prompts, sampling: Optional[SamplingSettings] = None, *, show_progress: Optional[bool] = None
+        self,
+        prompts: Prompts,
+        sampling: Optional[SamplingSettings] = None,
+        *,
+        show_progress: Optional[bool] = None,
     ) -> RolloutBatch:
-        """Sample ``sampling.n`` responses for every prompt (token-id lists); ``sampling`` defaults to the config's."""
+        """Sample ``sampling.n`` responses for every prompt (token-id lists).
+
+        ``sampling`` defaults to the config's; ``show_progress`` to ``config.show_progress`` (tqdm).
+        """
 
     @abc.abstractmethod
     def score(self, sequences: Prompts) -> list[torch.Tensor]:
-        """Per sequence, the float32 log-probs ``log p(x_t | x_<t)`` for ``t = 1 .. len-1`` (model at temperature 1)."""
+        """Per sequence, float32 ``log p(x_t | x_<t)`` for ``t = 1 .. len-1`` (the model at temperature 1)."""
 
     @abc.abstractmethod
     def load_weights(self, named_tensors: NamedTensors) -> WeightLoadReport:
@@ -304,7 +313,7 @@ def vllm_importable() -> bool:
 
 
 def require_vllm():
-    """Import and return the ``vllm`` module, or raise :class:`RolloutEngineUnavailableError` saying what to do."""
+    """Import and return ``vllm``, or raise :class:`RolloutEngineUnavailableError` saying what to do."""
     try:
         import vllm
     except Exception as exc:  # noqa: BLE001 - a broken install is as unusable as a missing one

@@ -63,13 +63,17 @@ class HFRolloutEngine(RolloutEngine):
 
         dtype = _DTYPES.get(config.dtype, "auto")
         self.device = torch.device(config.hf_device)
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype).to(self.device).eval()
+        )
         self.eos_token_ids = _eos_ids(self.model)
 
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def _sample_prompt(self, prompt: list[int], sampling: SamplingSettings, seed: Optional[int]) -> list[RolloutSample]:
+    def _sample_prompt(
+        self, prompt: list[int], sampling: SamplingSettings, seed: Optional[int]
+    ) -> list[RolloutSample]:
         n = sampling.n
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
@@ -91,7 +95,9 @@ class HFRolloutEngine(RolloutEngine):
                 choice = logits.argmax(dim=-1)
                 reported = raw
             else:
-                processed = torch.log_softmax(_top_p_filter(logits / sampling.temperature, sampling.top_p), dim=-1)
+                processed = torch.log_softmax(
+                    _top_p_filter(logits / sampling.temperature, sampling.top_p), dim=-1
+                )
                 choice = torch.multinomial(processed.exp(), 1, generator=generator).squeeze(-1)
                 reported = processed if self.config.logprobs_mode == "processed" else raw
             picked = reported.gather(-1, choice[:, None]).squeeze(-1)
@@ -105,19 +111,25 @@ class HFRolloutEngine(RolloutEngine):
             if all(finished):
                 break
             step_input = choice[:, None]
-        return [
-            RolloutSample(tokens[r], logprobs[r], "stop" if finished[r] else "length") for r in range(n)
-        ]
+        return [RolloutSample(tokens[r], logprobs[r], "stop" if finished[r] else "length") for r in range(n)]
 
     def generate(
-        self, prompts: Prompts, sampling: Optional[SamplingSettings] = None, *, show_progress: Optional[bool] = None
+        self,
+        prompts: Prompts,
+        sampling: Optional[SamplingSettings] = None,
+        *,
+        show_progress: Optional[bool] = None,
     ) -> RolloutBatch:
         from tqdm.auto import tqdm
 
         sampling = self._sampling(sampling)
         results = []
-        bar = tqdm(total=len(prompts) * sampling.n, desc="HF rollouts", unit="sample",
-                   disable=not self._show_progress(show_progress))
+        bar = tqdm(
+            total=len(prompts) * sampling.n,
+            desc="HF rollouts",
+            unit="sample",
+            disable=not self._show_progress(show_progress),
+        )
         with bar:
             for i, prompt in enumerate(prompts):
                 prompt = [int(t) for t in prompt]

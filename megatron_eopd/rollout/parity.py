@@ -40,7 +40,8 @@ class ParityReport:
     def summary(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
         return (
-            f"parity probe '{self.probe}' {verdict}: max |engine - megatron| log-prob = {self.max_abs_diff:.3g} nats "
+            f"parity probe '{self.probe}' {verdict}: max |engine - megatron| log-prob = "
+            f"{self.max_abs_diff:.3g} nats "
             f"(tolerance {self.max_abs_tolerance:g}) at sequence {self.worst_sequence}, position "
             f"{self.worst_position}, token {self.worst_token} (engine {self.engine_logprob:.4f}, "
             f"reference {self.reference_logprob:.4f}); mean {self.mean_abs_diff:.3g} nats "
@@ -65,7 +66,9 @@ def probe_sequences(config: ParityProbeConfig, vocab_size: int) -> list[list[int
     if config.sequences:
         too_big = [t for seq in config.sequences for t in seq if t >= vocab_size]
         if too_big:
-            raise ValueError(f"parity probe sequences hold token ids >= vocab size {vocab_size}: {too_big[:5]}")
+            raise ValueError(
+                f"parity probe sequences hold token ids >= vocab size {vocab_size}: {too_big[:5]}"
+            )
         return [list(s) for s in config.sequences]
     gen = torch.Generator().manual_seed(config.seed)
     ids = torch.randint(0, vocab_size, (config.num_sequences, config.sequence_length), generator=gen)
@@ -91,8 +94,10 @@ def compare_logprobs(
     for i, (eng, ref, seq) in enumerate(zip(engine_logprobs, reference_logprobs, sequences)):
         eng, ref = eng.double().flatten().cpu(), ref.double().flatten().cpu()
         if eng.numel() != len(seq) - 1 or ref.numel() != len(seq) - 1:
-            raise ValueError(f"probe '{probe}': sequence {i} has {len(seq)} tokens but {eng.numel()} engine and "
-                             f"{ref.numel()} reference log-probs")
+            raise ValueError(
+                f"probe '{probe}': sequence {i} has {len(seq)} tokens but {eng.numel()} engine and "
+                f"{ref.numel()} reference log-probs"
+            )
         diff = (eng - ref).abs()
         # A NaN on either side is as bad as it gets.
         diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
@@ -126,8 +131,13 @@ def check_parity(
     config: ParityProbeConfig,
     raise_on_failure: bool = True,
 ) -> ParityReport:
-    """Score ``sequences`` with ``engine`` and compare with the reference; raise :class:`ParityProbeError` beyond tolerance."""
-    report = compare_logprobs(engine.score(sequences), reference_logprobs, sequences, probe=probe, config=config)
+    """Score ``sequences`` with ``engine`` and compare with the reference.
+
+    Beyond tolerance raises :class:`ParityProbeError` (or, with ``raise_on_failure=False``, only reports).
+    """
+    report = compare_logprobs(
+        engine.score(sequences), reference_logprobs, sequences, probe=probe, config=config
+    )
     if raise_on_failure and not report.passed:
         raise ParityProbeError(report)
     return report

@@ -58,7 +58,7 @@ def format_prompt(problem: str, purpose: Purpose = "train", *, chat: bool = True
 
 
 def format_teacher_prompt(problem: str, purpose: Purpose = "train", *, non_thinking: bool = True) -> str:
-    """The teacher's prompt: the student's chat prompt, plus Qwen3's empty think block in non-thinking mode."""
+    """The teacher's prompt: the student's chat prompt, plus Qwen3's empty think block when non-thinking."""
     prompt = format_prompt(problem, purpose, chat=True)
     return prompt + EMPTY_THINK if non_thinking else prompt
 
@@ -113,5 +113,5 @@ def replace_first_token(ids: TokenIds, old: int, new: int) -> TokenIds:
 
 
 def teacher_view_of_response(response_ids: TokenIds, special: Qwen3SpecialIds) -> TokenIds:
-    """The student's response as the chat teacher should score it: first ``<|endoftext|>`` -> ``<|im_end|>``."""
+    """The student's response as the chat teacher scores it: first ``<|endoftext|>`` -> ``<|im_end|>``."""
     return replace_first_token(response_ids, special.endoftext, special.im_end)

@@ -60,6 +60,8 @@ def platform_engine_defaults(config: RolloutConfig) -> dict:
     else:
         utilization = config.gpu_memory_utilization or GPU_MEMORY_UTILIZATION
     return {"gpu_memory_utilization": utilization}
+
+
 # ========================================================================= end CPU-specific settings
 
 
@@ -109,7 +111,11 @@ class VLLMRolloutEngine(RolloutEngine):
         )
 
     def generate(
-        self, prompts: Prompts, sampling: Optional[SamplingSettings] = None, *, show_progress: Optional[bool] = None
+        self,
+        prompts: Prompts,
+        sampling: Optional[SamplingSettings] = None,
+        *,
+        show_progress: Optional[bool] = None,
     ) -> RolloutBatch:
         sampling = self._sampling(sampling)
         inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
@@ -134,8 +140,11 @@ class VLLMRolloutEngine(RolloutEngine):
         for seq, out in zip(sequences, outputs):
             # prompt_logprobs[0] is None (nothing precedes the first token).
             steps = out.prompt_logprobs[1:]
-            scored.append(torch.tensor([step[int(tok)].logprob for tok, step in zip(seq[1:], steps)],
-                                       dtype=torch.float32))
+            scored.append(
+                torch.tensor(
+                    [step[int(tok)].logprob for tok, step in zip(seq[1:], steps)], dtype=torch.float32
+                )
+            )
         return scored
 
     # ------------------------------------------------------------------ weights
@@ -167,8 +176,14 @@ class VLLMRolloutEngine(RolloutEngine):
             # Always finish: a half-open layer-wise reload would leave layers on the meta device.
             not_updated = self.llm.collective_rpc("eopd_finish_weight_update")[0]
         self.llm.reset_prefix_cache()
-        return WeightLoadReport("memory", sent["tensors"], sent["bytes"], time.perf_counter() - start,
-                                list(not_updated), num_messages=sent["buckets"])
+        return WeightLoadReport(
+            "memory",
+            sent["tensors"],
+            sent["bytes"],
+            time.perf_counter() - start,
+            list(not_updated),
+            num_messages=sent["buckets"],
+        )
 
     def load_weights_from_dir(self, hf_dir: Union[str, Path]) -> WeightLoadReport:
         hf_dir = Path(hf_dir).resolve()
@@ -180,7 +195,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
         num_bytes = sum(f.stat().st_size for f in files)
         num_tensors = _count_safetensors(files)
-        return WeightLoadReport("disk", num_tensors, num_bytes, time.perf_counter() - start, num_messages=len(files))
+        return WeightLoadReport(
+            "disk", num_tensors, num_bytes, time.perf_counter() - start, num_messages=len(files)
+        )
 
     def parameter_checksum(self) -> float:
         """Sum of the engine's parameters (tests use it to see that an update landed)."""

