@@ -208,6 +208,8 @@ def main(argv=None) -> int:
         fixed, per_byte = _fit(pts)
         throughput = 1 / per_byte / mib if per_byte > 0 else float("inf")
         print(f"{method:7} {fixed:8.3f} {throughput:8.1f} {fixed + per_byte * bytes_4b:12.1f}")
+    if len(sizes) == 1:
+        print("(one size only: its fixed per-sync cost is counted as bandwidth; run with --sizes tiny,small)")
     return 0
 
 
