@@ -452,11 +452,15 @@ def test_tp2pp2_syncer_orchestrates_all_ranks(ctx):
             assert report.load is None and report.parity is None
 
     real = mapping.iter_hf_weights
-    mapping.iter_hf_weights = lambda *a, **k: _swap_gate_up(real(*a, **k), model.eopd_arch)
     try:
+        mapping.iter_hf_weights = lambda *a, **k: _swap_gate_up(real(*a, **k), model.eopd_arch)
         _perturb(model, seed=SEED + 10)
         expected = ParityProbeError if ctx.rank == 0 else WeightSyncError
         with pytest.raises(expected, match="sync-step3-memory"):
+            syncer.sync(model, method="memory")
+        # A tensor left out: the strict check names it on every rank.
+        mapping.iter_hf_weights = lambda *a, **k: _drop_down_proj(real(*a, **k), model.eopd_arch)
+        with pytest.raises(WeightSyncError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
             syncer.sync(model, method="memory")
     finally:
         mapping.iter_hf_weights = real

@@ -13,7 +13,9 @@ After every optimizer iteration :meth:`WeightSyncer.sync` is called on **every r
    :class:`~megatron_eopd.rollout.parity.ParityProbeError`.
 
 Only data-parallel replica 0 exports; the other replicas hold the same weights and only join the
-verdict, so all ranks stop together instead of some hanging in a collective.
+verdict, so all ranks stop together instead of some hanging in a collective.  (An engine that fails
+*while* receiving leaves the other ranks inside the exporter's collectives until the process-group
+timeout: such a failure is an infrastructure fault, not a mapping one.)
 """
 
 from __future__ import annotations
@@ -172,26 +174,28 @@ class WeightSyncer:
                     if self._last_dir is not None and self._last_dir != written:
                         shutil.rmtree(self._last_dir, ignore_errors=True)
                     self._last_dir = written
-                if owns_engine and self.strict and load.not_updated:
-                    raise WeightSyncError(
-                        f"weight sync step {self.step} ({method}) left {len(load.not_updated)} engine "
-                        "parameters "
-                        f"unwritten (stale): {load.not_updated[:6]}"
-                    )
+                # Every rank takes part in the probe's forward before anyone may raise, so that a
+                # failure found on the engine's rank never leaves the others inside a collective.
+                reference = sequences = None
                 if probe and self.config.parity.enabled:
                     vocab = self.vocab_size or arch.vocab_size
                     sequences = probe_sequences(self.config.parity, vocab)
                     reference = megatron_sequence_logprobs(model_chunks, sequences, vocab_size=vocab)
-                    if owns_engine:
-                        parity = compare_logprobs(
-                            self.engine.score(sequences),
-                            reference,
-                            sequences,
-                            probe=f"sync-step{self.step}-{method}",
-                            config=self.config.parity,
-                        )
-                        if not parity.passed:
-                            raise ParityProbeError(parity)
+                if owns_engine and self.strict and load.not_updated:
+                    raise WeightSyncError(
+                        f"weight sync step {self.step} ({method}) left {len(load.not_updated)} engine "
+                        f"parameters unwritten (stale): {load.not_updated[:6]}"
+                    )
+                if owns_engine and reference is not None:
+                    parity = compare_logprobs(
+                        self.engine.score(sequences),
+                        reference,
+                        sequences,
+                        probe=f"sync-step{self.step}-{method}",
+                        config=self.config.parity,
+                    )
+                    if not parity.passed:
+                        raise ParityProbeError(parity)
         except BaseException as exc:  # noqa: BLE001 - shared with the other ranks below, then re-raised
             failure = f"{type(exc).__name__}: {exc}"
             if not _is_distributed():
