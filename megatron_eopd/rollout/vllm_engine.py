@@ -92,7 +92,6 @@ class VLLMRolloutEngine(RolloutEngine):
         if config.max_model_len is not None:
             engine_args["max_model_len"] = config.max_model_len
         engine_args.update(platform_engine_defaults(config))
-        _make_package_importable_by_workers()
         self.engine_args = engine_args
         self.llm = vllm.LLM(**engine_args)
         self._vllm = vllm
@@ -213,14 +212,6 @@ class VLLMRolloutEngine(RolloutEngine):
         if core is not None and callable(getattr(core, "shutdown", None)):
             core.shutdown()
         del llm
-
-
-def _make_package_importable_by_workers() -> None:
-    """vLLM imports :data:`WORKER_EXTENSION` in its own processes: make sure they find this package."""
-    root = str(Path(__file__).resolve().parents[2])
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([root] + paths)
 
 
 def _count_safetensors(files) -> int:
