@@ -21,7 +21,7 @@ _HF_LOGITS: dict = {}
 
 
 def _root(ctx) -> Path:
-    return ctx.shared_dir.parent / "qwen3_fixtures"
+    return ctx.launch_dir / "qwen3_fixtures"
 
 
 def _tiny_hf(ctx, tied: bool) -> Path:

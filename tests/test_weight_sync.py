@@ -366,7 +366,7 @@ def test_tp2pp2_student_exports_for_vllm(ctx):
     )
     from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
 
-    out = ctx.shared_dir.parent / ARTIFACTS
+    out = ctx.launch_dir / ARTIFACTS
     if ctx.rank == 0:
         shutil.rmtree(out, ignore_errors=True)
         make_tiny_qwen3(out / "tiny", seed=SEED + 100, tie_word_embeddings=True)  # as the engine's model

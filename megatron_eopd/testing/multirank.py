@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Optional
 WORLD_SIZE = int(os.environ.get("EOPD_MULTIRANK_WORLD_SIZE", "4"))
 LAUNCH_TIMEOUT_S = float(os.environ.get("EOPD_MULTIRANK_TIMEOUT_S", "1500"))
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("EOPD_MULTIRANK_COLLECTIVE_TIMEOUT_S", "180"))
+# "cpu" (gloo) by default; "cuda" runs the same checks on NCCL with one GPU per rank.
+DEVICE = os.environ.get("EOPD_MULTIRANK_DEVICE", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,9 @@ class CheckContext:
     params: dict
     shared_dir: Path  # same directory on every rank of this check
     seed: int
+    # Shared by every check of the launch and equal to MultirankResults.workdir in the pytest
+    # process: checks leave artifacts here for each other and for main-process tests.
+    launch_dir: Path
 
 
 def _param_grid(params: dict[str, Iterable]) -> list[dict]:
@@ -224,7 +229,7 @@ def _worker_main(plan_path: str, out_dir: str) -> int:
 
     from megatron_eopd.platform import distributed as platform_dist
 
-    platform = platform_dist.init_distributed(device="cpu", timeout_s=COLLECTIVE_TIMEOUT_S)
+    platform = platform_dist.init_distributed(device=DEVICE, timeout_s=COLLECTIVE_TIMEOUT_S)
     from megatron.core import parallel_state
 
     specs = json.loads(Path(plan_path).read_text())
@@ -252,6 +257,7 @@ def _worker_main(plan_path: str, out_dir: str) -> int:
                     params=spec["params"],
                     shared_dir=shared_dir,
                     seed=seed,
+                    launch_dir=Path(out_dir),
                 )
                 _load_check(spec)(ctx)
                 # A rank must not run ahead into the next check's collectives.
