@@ -1,16 +1,10 @@
-"""Suite-wide fixtures: the shared multi-rank launch and common paths."""
+"""Suite-wide fixtures: the shared multi-rank launch."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 
 from megatron_eopd.testing.multirank import MultirankResults
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("EOPD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data" / "math"))
 
 _selected_specs = []
 
@@ -18,7 +12,6 @@ _selected_specs = []
 def pytest_configure(config):
     config.addinivalue_line("markers", "multirank: runs inside the shared torchrun launch on gloo ranks")
     config.addinivalue_line("markers", "vllm: needs a real vLLM installation")
-    config.addinivalue_line("markers", "slurm: needs running Slurm daemons")
 
 
 def pytest_collection_finish(session):
@@ -34,10 +27,3 @@ def pytest_collection_finish(session):
 @pytest.fixture(scope="session")
 def multirank_results(tmp_path_factory):
     return MultirankResults(list(_selected_specs), tmp_path_factory.mktemp("multirank"))
-
-
-@pytest.fixture(scope="session")
-def shared_math_dir() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"offline benchmark data not found at {SHARED_DATA}")
-    return SHARED_DATA
