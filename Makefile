@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.eopd-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test run bench clean
+.PHONY: venv test run bench clean test-mcore-latest
 
 venv: $(STAMP)
 
@@ -27,5 +27,19 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(PY) tools/bench_loss.py
 
+# Clusters run newer Megatron-Core on Python 3.12 (NGC).  This builds a second venv with
+# megatron-core 0.19.2 (PyPI torch: a CUDA build, ~5 GB) and runs every suite that does not need
+# vLLM or ModelOpt, on CPU, against it.
+VENV_LATEST := .venv-mcore-latest
+PYTHON312 ?= python3.12
+test-mcore-latest:
+	$(PYTHON312) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install -q "torch==2.13.0" megatron-core==0.19.2 transformers==5.19.0 \
+		safetensors pyyaml pytest tqdm rich numpy packaging psutil
+	$(VENV_LATEST)/bin/python -m pip install -q --no-deps -e .
+	$(VENV_LATEST)/bin/python -m pytest tests/test_platform.py tests/test_config.py tests/test_qwen3_architecture.py \
+		tests/test_convert_tools.py tests/test_qwen3_multirank.py tests/test_objective_units.py \
+		tests/test_objective_reference.py -k "not modelopt" $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache
