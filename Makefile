@@ -31,7 +31,9 @@ bench: $(STAMP)
 # megatron-core 0.19.2 (PyPI torch: a CUDA build, ~5 GB) and runs every suite that does not need
 # vLLM or ModelOpt, on CPU, against it.
 VENV_LATEST := .venv-mcore-latest
-PYTHON312 ?= python3.12
+# python3.12 on PATH, or pyenv's 3.12 where only a shim is there; override with PYTHON312=...
+PYTHON312 ?= $(shell PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -n 1) \
+	python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || echo python3.12)
 test-mcore-latest:
 	$(PYTHON312) -m venv $(VENV_LATEST)
 	$(VENV_LATEST)/bin/python -m pip install -q "torch==2.13.0" megatron-core==0.19.2 transformers==5.19.0 \
