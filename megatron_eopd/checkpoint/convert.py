@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_eopd.checkpoint.errors import ConversionError
-from megatron_eopd.checkpoint.mcore_dist import DTYPES, HF_SUBDIR, dtype_name
+from megatron_eopd.checkpoint.mcore_dist import DTYPES, HF_SUBDIR
 
 EXIT_BAD_INPUT = 2
 _EPILOG = (
@@ -179,8 +179,6 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
     validate_hf_tensor_set(arch, weights.shapes())
     # Inputs are valid; from here on only our own bugs or I/O can fail.
 
-    import torch  # noqa: F401 - heavy imports only after validation
-
     from megatron_eopd.checkpoint.hf_writer import copy_side_files
     from megatron_eopd.checkpoint.mcore_dist import save_mcore_checkpoint, write_checkpoint_meta
     from megatron_eopd.models.qwen3.mapping import load_hf_weights
@@ -261,7 +259,6 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
     _check_output(output, args.overwrite)
     out_dtype_name = args.dtype or meta["dtype"]
 
-    import torch
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     from megatron_eopd.checkpoint.hf_writer import copy_side_files, write_hf_weights

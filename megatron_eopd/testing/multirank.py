@@ -11,14 +11,12 @@ rank appends one JSON line per check to its own file, so a rank that dies or han
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import itertools
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
