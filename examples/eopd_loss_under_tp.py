@@ -19,6 +19,24 @@ from megatron_eopd.objective import EOPDLossConfig, compute_teacher_stats, eopd_
 from megatron_eopd.platform import init_distributed, init_model_parallel, shutdown
 
 
+def make_inputs(tokens: int, vocab: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The same random inputs on every rank, every tensor on ``device`` (the collectives' device:
+    NCCL reduces CUDA tensors only).  Drawn from a CPU generator so all devices see the same values."""
+    gen = torch.Generator().manual_seed(seed)
+    # Peaked and flat rows alike, so some tokens pass the entropy gate and some do not.
+    scale = torch.rand(tokens, 1, generator=gen) * 20
+    teacher = torch.randn(tokens, vocab, generator=gen) * scale
+    student = torch.randn(tokens, vocab, generator=gen) * scale
+    sampled = torch.randint(0, vocab, (tokens,), generator=gen)
+    mask = torch.rand(tokens, generator=gen) > 0.1
+    # The rollout policy differs a little from the current one, so the PPO clip is active on some tokens.
+    drift = torch.randn(tokens, generator=gen) * 0.3
+    old_logprobs = torch.log_softmax(student, -1).gather(1, sampled[:, None]).squeeze(1) + drift
+    inputs = {"teacher_logits": teacher, "student_logits": student, "sampled": sampled, "mask": mask,
+              "old_logprobs": old_logprobs}
+    return {name: t.to(device) for name, t in inputs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2)
@@ -37,21 +55,14 @@ def main() -> None:
     if args.vocab % args.tp:
         raise SystemExit(f"--vocab {args.vocab} must be divisible by --tp {args.tp}")
 
-    gen = torch.Generator().manual_seed(args.seed)
-    # Peaked and flat rows alike, so some tokens pass the entropy gate and some do not.
-    scale = torch.rand(args.tokens, 1, generator=gen) * 20
-    teacher_full = torch.randn(args.tokens, args.vocab, generator=gen) * scale
-    student_full = torch.randn(args.tokens, args.vocab, generator=gen) * scale
-    sampled = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
-    mask = torch.rand(args.tokens, generator=gen) > 0.1
-    # The rollout policy differs a little from the current one, so the PPO clip is active on some tokens.
-    drift = torch.randn(args.tokens, generator=gen) * 0.3
-    old_logprobs = torch.log_softmax(student_full, -1).gather(1, sampled[:, None]).squeeze(1) + drift
+    inputs = make_inputs(args.tokens, args.vocab, args.seed, platform.device)
+    teacher_full, student_full = inputs["teacher_logits"], inputs["student_logits"]
+    sampled, mask, old_logprobs = inputs["sampled"], inputs["mask"], inputs["old_logprobs"]
     config = EOPDLossConfig(tau=args.tau)
 
     def loss_on(teacher_logits, student_logits, tp_group):
         stats = compute_teacher_stats(teacher_logits, sampled, tp_group, topk=config.topk, response_mask=mask)
-        student_logits = student_logits.to(platform.device).requires_grad_(True)
+        student_logits = student_logits.detach().clone().requires_grad_(True)  # this rank's own leaf
         loss, metrics = eopd_loss(
             student_logits, sampled, mask, stats, old_logprobs=old_logprobs, config=config, group=tp_group
         )

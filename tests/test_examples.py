@@ -28,3 +28,17 @@ def test_eopd_loss_under_tp_matches_full_logits():
     # The example's data exercises both sides of the gate and the PPO clip.
     assert 0.0 < float(gate.group(1)) < 1.0 and gate.group(1) == gate.group(2), out
     assert 0.0 < float(clip.group(1)) < 1.0, out
+
+
+def test_eopd_loss_example_builds_every_input_on_the_platform_device():
+    """Under NCCL every tensor must be on the GPU; "meta" stands in for a device other than the CPU."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("eopd_loss_under_tp", REPO / "examples" / "eopd_loss_under_tp.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    inputs = example.make_inputs(16, 64, 0, torch.device("meta"))
+    assert set(inputs) == {"teacher_logits", "student_logits", "sampled", "mask", "old_logprobs"}
+    assert {name: t.device.type for name, t in inputs.items()} == dict.fromkeys(inputs, "meta")

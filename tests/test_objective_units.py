@@ -181,3 +181,39 @@ def test_gates_are_half_at_tau_and_tend_to_the_hard_gate():
         sharp = entropy_gate(h, EOPDLossConfig(gate=gate, gate_width=1e-9))
         assert sharp[[0, 3]].tolist() == [0.0, 1.0]
     assert entropy_gate(h, EOPDLossConfig(tau=math.inf, gate="sigmoid")).sum().item() == 0.0
+
+
+def test_opd_measures_fkl_on_high_entropy_tokens_without_training_on_it():
+    """fkl_mode="off" (OPD) still reports ``fkl_gated``, the teacher-top-k forward KL averaged over the tokens
+    whose teacher entropy exceeds tau, while its loss and gradient are the reverse-KL term's alone; checked
+    against a dense float64 computation on full logits (the replication study compares OPD on this metric)."""
+    student, teacher, y, mask, old = _case(tokens=24, vocab=40, seed=3)
+    lp = torch.log_softmax(teacher, dim=-1)
+    entropy = -(lp.exp() * lp).sum(-1)
+    tau = float(entropy[mask].median()) + 1e-9
+    k = 6
+    loss, grad, metrics = _loss_and_grad(student, teacher, y, mask, old, EOPDLossConfig(tau=tau, topk=k, fkl_mode="off"))
+
+    lq = torch.log_softmax(student, dim=-1)
+    top_lp, top_ids = torch.topk(lp, k, dim=-1)
+    renorm = torch.log_softmax(top_lp, dim=-1)
+    fkl = (renorm.exp() * (renorm - lq.gather(1, top_ids))).sum(-1)
+    above = (entropy > tau) & mask
+    assert 0 < int(above.sum()) < int(mask.sum())
+    torch.testing.assert_close(metrics["fkl_gated"], fkl[above].mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(metrics["gate_fraction"], above.sum().double() / mask.sum(), rtol=1e-12, atol=0)
+
+    x = student.clone().requires_grad_()
+    logq_y = torch.log_softmax(x, dim=-1).gather(1, y[:, None])[:, 0]
+    advantage = lp.gather(1, y[:, None])[:, 0] - old
+    ratio = (logq_y - old).exp()
+    rkl = torch.maximum(-ratio * advantage, -ratio.clamp(0.8, 1.2) * advantage)
+    reference = rkl[mask].sum() / mask.sum()
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-14)
+    assert float(metrics["loss_fkl"]) == 0.0
+
+    # EOPD on the same tokens reports the same diagnostic (it trains on it; OPD only measures it).
+    _, _, eopd_metrics = _loss_and_grad(student, teacher, y, mask, old, EOPDLossConfig(tau=tau, topk=k))
+    torch.testing.assert_close(eopd_metrics["fkl_gated"], metrics["fkl_gated"], rtol=1e-12, atol=0)

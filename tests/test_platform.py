@@ -11,6 +11,7 @@ import functools
 import torch
 import torch.distributed as dist
 
+from megatron_eopd.platform import current_platform
 from megatron_eopd.testing.multirank import multirank_check
 from megatron_fill import fill_by_global_coordinates, full_tensor_slice
 
@@ -31,7 +32,7 @@ def _build_tiny_gpt(tp: int, pp: int, pp_rank: int):
         ffn_hidden_size=4 * HIDDEN,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        use_cpu_initialization=True,
+        use_cpu_initialization=current_platform().is_cpu,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
         hidden_dropout=0.0,
@@ -51,6 +52,7 @@ def _build_tiny_gpt(tp: int, pp: int, pp_rank: int):
         post_process=parallel_state.is_pipeline_last_stage(),
         position_embedding_type="rope",
     )
+    model.to(current_platform().device)  # the local spec's torch norms are made on the default device
     layer_offset = pp_rank * (LAYERS // pp)
     fill_by_global_coordinates(
         model, parallel_state.get_tensor_model_parallel_rank(), tp, layer_offset
@@ -63,6 +65,7 @@ def _batches(seed: int):
     out = []
     for _ in range(MICROBATCHES):
         tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=gen)
+        tokens = tokens.to(current_platform().device)
         out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:]})
     return out
 
@@ -70,7 +73,7 @@ def _batches(seed: int):
 def _run_schedule(model, batches):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    position_ids = torch.arange(SEQ).unsqueeze(0).expand(MICRO_BATCH, -1)
+    position_ids = torch.arange(SEQ, device=current_platform().device).unsqueeze(0).expand(MICRO_BATCH, -1)
 
     def loss_func(output_tensor):
         loss = output_tensor.float().mean()
@@ -97,7 +100,7 @@ def _run_schedule(model, batches):
 def _mean_loss_on_every_rank(losses, pp_group) -> torch.Tensor:
     from megatron.core import parallel_state
 
-    value = torch.zeros(1, dtype=torch.float64)
+    value = torch.zeros(1, dtype=torch.float64, device=current_platform().device)
     if parallel_state.is_pipeline_last_stage():
         value[0] = sum(float(l["lm loss"]) for l in losses) / len(losses)
     if pp_group is not None:
@@ -111,6 +114,8 @@ def test_tiny_gpt_layouts_match_single_rank(ctx):
     model, layer_offset = _build_tiny_gpt(ctx.tp, ctx.pp, ctx.pp_rank)
     loss = _mean_loss_on_every_rank(_run_schedule(model, batches), ctx.pp_group)
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    device = current_platform().device
+    assert {t.device for t in [*grads.values(), loss]} == {device}, "compare on the platform's device"
     params = dict(model.named_parameters())
 
     # Reference: the same weights as one TP=1, PP=1 model on this rank alone.

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_eopd.platform import current_platform
 from megatron_eopd.testing.multirank import multirank_check
 
 SEQ, BATCH = 12, 2
@@ -54,8 +55,10 @@ def _converted(ctx, tied: bool, conv: str) -> Path:
     return path
 
 
-def _tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 301, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+def _tokens(seed: int = 0, device=None) -> torch.Tensor:
+    """The same tokens everywhere (drawn on the CPU), on ``device`` (default: the platform's)."""
+    tokens = torch.randint(0, 301, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+    return tokens.to(device or current_platform().device)
 
 
 def _hf_logits(hf_dir: Path) -> torch.Tensor:
@@ -64,7 +67,7 @@ def _hf_logits(hf_dir: Path) -> torch.Tensor:
 
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         with torch.no_grad():
-            _HF_LOGITS[hf_dir] = model(_tokens()).logits
+            _HF_LOGITS[hf_dir] = model(_tokens(device="cpu")).logits  # transformers' reference, on the CPU
     return _HF_LOGITS[hf_dir]
 
 
@@ -80,7 +83,7 @@ def _megatron_logits(model, ctx):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     tokens = _tokens()
-    position_ids = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
+    position_ids = torch.arange(SEQ, device=tokens.device).unsqueeze(0).expand(BATCH, -1)
     captured = []
 
     def forward_step(data_iterator, model):
@@ -110,7 +113,8 @@ def _megatron_logits(model, ctx):
 def _assert_logits_match(model, ctx, hf_dir):
     got = _megatron_logits(model, ctx)
     if got is not None:
-        ref = _hf_logits(hf_dir)
+        ref = _hf_logits(hf_dir).to(got.device)
+        assert got.device == current_platform().device, got.device
         assert got.shape == ref.shape, (got.shape, ref.shape)
         diff = (got - ref).abs().max().item()
         assert diff <= 1e-4, f"max |megatron - hf| logits = {diff:.3e}"
@@ -129,7 +133,8 @@ def _assert_export_matches(model, ctx, hf_dir, to_rank):
         assert list(got) == hf_order, "exporter must stream in HF order"
         assert set(got) == set(ref), set(got) ^ set(ref)
         for name, tensor in got.items():
-            assert torch.equal(tensor, ref[name]), f"{name} differs after export (to_rank={to_rank})"
+            assert tensor.device == current_platform().device, (name, tensor.device)
+            assert torch.equal(tensor, ref[name].to(tensor.device)), f"{name} differs after export (to_rank={to_rank})"
     else:
         assert not got, f"rank {ctx.rank} received {len(got)} tensors meant for rank {to_rank}"
 
@@ -165,7 +170,8 @@ def test_in_memory_loader_and_exporter(ctx):
     params = dict(model.named_parameters())
     assert set(expected) == set(params), set(expected) ^ set(params)
     for name, tensor in expected.items():
-        assert torch.equal(params[name], tensor), name
+        assert params[name].device == current_platform().device, (name, params[name].device)
+        assert torch.equal(params[name], tensor.to(params[name].device)), name
 
     _assert_logits_match(model, ctx, hf_dir)
     last = ctx.tp * ctx.pp - 1
@@ -174,4 +180,5 @@ def test_in_memory_loader_and_exporter(ctx):
     # Casting on the way out, for a bf16 inference engine.
     for name, tensor in __import__("megatron_eopd.models.qwen3", fromlist=["x"]).iter_hf_weights(
             model, to_rank=None, dtype=torch.bfloat16):
-        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, weights[name].to(torch.bfloat16)), name
+        expected_bf16 = weights[name].to(device=tensor.device, dtype=torch.bfloat16)
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected_bf16), name

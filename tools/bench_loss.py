@@ -44,14 +44,34 @@ PEAK_BANDWIDTH_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 86
 
 
 def make_inputs(tokens, vocab, dtype, device, seed=0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    scale = torch.exp(torch.empty(tokens, 1).uniform_(0.0, 2.0, generator=gen))
-    student = (torch.randn(tokens, vocab, generator=gen) * scale).to(device=device, dtype=dtype)
-    teacher = (torch.randn(tokens, vocab, generator=gen) * scale).to(device=device, dtype=dtype)
-    sampled = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
-    mask = (torch.rand(tokens, generator=gen) < 0.9).to(device)
-    old = (-3.0 + 0.3 * torch.randn(tokens, generator=gen)).to(device)
+    """Inputs drawn directly on ``device`` in ``dtype`` (no fp32 [tokens, vocab] anywhere: that alone
+    is ~40 GB at 65536 tokens of Qwen3's vocabulary)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scale = torch.exp(torch.empty(tokens, 1, device=device).uniform_(0.0, 2.0, generator=gen)).to(dtype)
+    student = torch.randn(tokens, vocab, generator=gen, device=device, dtype=dtype).mul_(scale)
+    teacher = torch.randn(tokens, vocab, generator=gen, device=device, dtype=dtype).mul_(scale)
+    sampled = torch.randint(0, vocab, (tokens,), generator=gen, device=device)
+    mask = torch.rand(tokens, generator=gen, device=device) < 0.9
+    old = -3.0 + 0.3 * torch.randn(tokens, generator=gen, device=device)
     return student.requires_grad_(), teacher, sampled, mask, old
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator giving up."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release(inputs, device):
+    """Drop the gradient and give cached blocks back, so one implementation's leftovers never count
+    against (or crowd out) the next."""
+    inputs[0].grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def vocab_parallel_step(student, teacher, sampled, mask, old, cfg):
@@ -128,7 +148,7 @@ def time_ms(step, inputs, cfg, device):
     out = step(*inputs, cfg)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3, out, inputs[0].grad
+    return (time.perf_counter() - start) * 1e3, out
 
 
 def peak_bandwidth_gbs(device, override):
@@ -138,6 +158,47 @@ def peak_bandwidth_gbs(device, override):
         return None
     name = torch.cuda.get_device_name(device)
     return next((bw for key, bw in PEAK_BANDWIDTH_GBS.items() if key in name), None)
+
+
+def _measure(name, step, inputs, cfg, device, repeats, warm_up):
+    """(median ms, peak bytes, loss) of one implementation, or None when it runs out of memory."""
+    try:
+        if warm_up:
+            step(*inputs, cfg)  # lazy initialisation
+            release(inputs, device)
+        times = []
+        for _ in range(repeats):
+            ms, loss = time_ms(step, inputs, cfg, device)
+            times.append(ms)
+            release(inputs, device)
+        peak = peak_bytes(step, inputs, cfg, device)
+        return statistics.median(times), peak, float(loss)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected; anything else re-raises
+        if not is_out_of_memory(exc):
+            raise
+        print(f"{name}: out of memory ({str(exc).splitlines()[0][:160]})", file=sys.stderr)
+        return None
+    finally:
+        release(inputs, device)
+
+
+def _gradient_difference(impls, inputs, cfg, device):
+    """Max |grad difference| between the two implementations (one reference gradient kept), or None
+    when the pair does not fit; run after the measurements so it never inflates them."""
+    steps = list(impls.values())
+    reference = None
+    try:
+        steps[0](*inputs, cfg)
+        reference, inputs[0].grad = inputs[0].grad, None
+        steps[1](*inputs, cfg)
+        return float((reference.float() - inputs[0].grad.float()).abs().max())
+    except Exception as exc:  # noqa: BLE001
+        if not is_out_of_memory(exc):
+            raise
+        return None
+    finally:
+        del reference
+        release(inputs, device)
 
 
 def run(args):
@@ -151,39 +212,43 @@ def run(args):
     for tokens in args.tokens:
         inputs = make_inputs(tokens, args.vocab, dtype, device)
         impls = {"naive": naive_step, "vocab-parallel": vocab_parallel_step}
-        times = {name: [] for name in impls}
-        results = {}
-        if tokens == args.tokens[0]:
-            vocab_parallel_step(*inputs, cfg)  # warm-up (lazy init)
-        for _ in range(args.repeats):
-            for name, step in impls.items():
-                ms, loss, grad = time_ms(step, inputs, cfg, device)
-                times[name].append(ms)
-                results[name] = (loss, grad)
-        peaks = {name: peak_bytes(step, inputs, cfg, device) for name, step in impls.items()}
-        (loss_a, grad_a), (loss_b, grad_b) = results["naive"], results["vocab-parallel"]
-        loss_diff = abs(float(loss_a) - float(loss_b)) / max(abs(float(loss_a)), 1e-12)
-        grad_diff = float((grad_a.float() - grad_b.float()).abs().max())
+        measured = {name: _measure(name, step, inputs, cfg, device, args.repeats, warm_up=tokens == args.tokens[0])
+                    for name, step in impls.items()}
+        ok = all(measured.values())
+        loss_diff = grad_diff = None
+        if ok:
+            loss_a, loss_b = measured["naive"][2], measured["vocab-parallel"][2]
+            loss_diff = abs(loss_a - loss_b) / max(abs(loss_a), 1e-12)
+            grad_diff = _gradient_difference(impls, inputs, cfg, device)
         floor_ms = None
         if bandwidth:
             floor_ms = 2 * tokens * args.vocab * inputs[0].element_size() / (bandwidth * 1e9) * 1e3
+        naive = measured["naive"]
         for name in impls:
+            m = measured[name]
             rows.append(
                 dict(
                     tokens=tokens,
                     impl=name,
-                    peak_mib=peaks[name] / 2**20,
-                    mem_ratio=peaks["naive"] / max(peaks[name], 1),
-                    ms=statistics.median(times[name]),
-                    speedup=statistics.median(times["naive"]) / statistics.median(times[name]),
+                    oom=m is None,
+                    peak_mib=m[1] / 2**20 if m else None,
+                    mem_ratio=naive[1] / max(m[1], 1) if m and naive else None,
+                    ms=m[0] if m else None,
+                    speedup=naive[0] / m[0] if m and naive else None,
                     floor_ms=floor_ms,
                     loss_rel_diff=loss_diff,
                     grad_max_diff=grad_diff,
                 )
             )
-        del inputs, results
-        gc.collect()
+        del inputs
+        release_all(device)
     return rows
+
+
+def release_all(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def render(rows, args):
@@ -193,12 +258,21 @@ def render(rows, args):
         headers += ["HBM floor ms", "x floor"]
     headers += ["loss rel diff", "grad max diff"]
     table_rows = []
+    def fmt(value, spec, suffix=""):
+        return "-" if value is None else f"{value:{spec}}{suffix}"
+
     for r in rows:
-        cells = [str(r["tokens"]), r["impl"], f"{r['peak_mib']:.1f}", f"{r['mem_ratio']:.2f}x", f"{r['ms']:.1f}",
-                 f"{r['speedup']:.2f}x"]
+        if r["oom"]:
+            cells = [str(r["tokens"]), r["impl"], "OOM", "-", "OOM", "-"]
+            cells += ["-", "-"] if with_floor else []
+            cells += ["-", "-"]
+            table_rows.append(cells)
+            continue
+        cells = [str(r["tokens"]), r["impl"], fmt(r["peak_mib"], ".1f"), fmt(r["mem_ratio"], ".2f", "x"),
+                 fmt(r["ms"], ".1f"), fmt(r["speedup"], ".2f", "x")]
         if with_floor:
             cells += [f"{r['floor_ms']:.3f}", f"{r['ms'] / r['floor_ms']:.1f}x"]
-        cells += [f"{r['loss_rel_diff']:.1e}", f"{r['grad_max_diff']:.1e}"]
+        cells += [fmt(r["loss_rel_diff"], ".1e"), fmt(r["grad_max_diff"], ".1e")]
         table_rows.append(cells)
     threads = f", {args.threads} thread(s)" if args.device == "cpu" else ""
     title = (f"EOPD loss, vocab {args.vocab}, {args.dtype}, top-{args.topk}, device {args.device}{threads}, "

@@ -2,20 +2,26 @@
 
 from megatron_eopd.platform.distributed import (
     Platform,
+    collective_device,
     current_platform,
+    default_device,
     destroy_model_parallel,
     init_distributed,
     init_model_parallel,
+    launch_world_size,
     resolve_device,
     shutdown,
 )
 
 __all__ = [
     "Platform",
+    "collective_device",
     "current_platform",
+    "default_device",
     "destroy_model_parallel",
     "init_distributed",
     "init_model_parallel",
+    "launch_world_size",
     "resolve_device",
     "shutdown",
 ]

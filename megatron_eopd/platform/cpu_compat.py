@@ -86,6 +86,15 @@ class _CpuRngStateSurrogate:
         torch.set_rng_state(new_state)
 
 
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad: bool = False) -> None:
+    """``clip_grad_by_total_norm_fp32`` for CPU gradients: scale in place when the norm exceeds ``max_norm``."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    coefficient = max_norm / (total_norm + 1.0e-6)
+    if coefficient < 1.0 and grads:
+        torch._foreach_mul_(grads, coefficient)
+
+
 def enable() -> None:
     """Install the CPU redirections (idempotent).  Call before building Megatron models."""
     global _enabled, _mode
@@ -115,6 +124,12 @@ def enable() -> None:
 
         mcore_random._get_cuda_rng_state = _CpuRngStateSurrogate.get
         mcore_random._set_cuda_rng_state = _CpuRngStateSurrogate.set
+
+        # Megatron's gradient clipping asserts CUDA gradients; the same scaling on CPU ones.
+        from megatron.core.optimizer import clip_grads, optimizer as mcore_optimizer
+
+        clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+        mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
 
         _mode = CudaToCpuMode()
         _mode.__enter__()  # process-wide: the CPU path never leaves it

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,12 +34,6 @@ class Platform:
 _platform: Optional[Platform] = None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun, else Slurm, else a lone process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -56,6 +49,11 @@ def _rank_env() -> tuple[int, int, int]:
             int(os.environ.get("SLURM_LOCALID", 0)),
         )
     return 0, 1, 0
+
+
+def launch_world_size() -> int:
+    """The world size this launch will have (torchrun, else Slurm, else 1), before any process group."""
+    return _rank_env()[1]
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -87,14 +85,19 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Platform
         # Ranks share the machine's cores; oversubscribing threads slows every rank down.
         if world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if world_size == 1:
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    store = None
+    if world_size == 1 and "MASTER_PORT" not in os.environ:
+        # A lone process needs no rendezvous: an in-memory store cannot collide with a port that
+        # another daemon (Slurm's step daemons, a second job) holds on some other address.
+        store = dist.HashStore()
     elif "MASTER_PORT" not in os.environ:
         raise RuntimeError("MASTER_PORT must be set for a multi-rank launch (torchrun sets it)")
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -107,6 +110,46 @@ def current_platform() -> Platform:
     if _platform is None:
         raise RuntimeError("init_distributed() has not been called")
     return _platform
+
+
+def default_device() -> torch.device:
+    """Where models and their tensors live: the platform's device once initialised, else CUDA when
+    torch sees a GPU, else the CPU."""
+    if _platform is not None:
+        return _platform.device
+    return resolve_device("auto")
+
+
+# Backends whose collectives take tensors on one device type only.
+_BACKEND_DEVICE_TYPES = {"nccl": "cuda", "gloo": "cpu", "mpi": "cpu"}
+
+
+def _backend_device_types(group=None) -> list[str]:
+    """Device types the group's backend reduces on, e.g. ["cuda"] for NCCL, ["cpu", "cuda"] for a
+    "cpu:gloo,cuda:nccl" group."""
+    backend = str(dist.get_backend(group)).lower()
+    if ":" in backend:  # per-device-type backends
+        return [part.split(":", 1)[0].strip() for part in backend.split(",")]
+    if backend not in _BACKEND_DEVICE_TYPES:
+        raise RuntimeError(f"collective_device() does not know which device backend {backend!r} reduces on")
+    return [_BACKEND_DEVICE_TYPES[backend]]
+
+
+def collective_device(group=None) -> torch.device:
+    """The device on which to create tensors handed to a collective of ``group`` (default: WORLD).
+
+    NCCL reduces only CUDA tensors and gloo (as used here) CPU ones; a tensor on the wrong side fails
+    with "No backend type associated with device type ...".  Without a process group this is
+    :func:`default_device` (nothing will be reduced).
+    """
+    if not dist.is_initialized():
+        return default_device()
+    types = _backend_device_types(group)
+    preferred = default_device().type
+    device_type = preferred if preferred in types else types[0]
+    if device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_type)
 
 
 def init_model_parallel(

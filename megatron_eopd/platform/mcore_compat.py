@@ -26,6 +26,58 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def _imports(module: str) -> bool:
+    """True when ``module`` imports; a missing or broken extension counts as absent."""
+    try:
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            return False
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - ImportError, OSError from a bad .so, a CUDA init error, ...
+        return False
+    return True
+
+
+# Megatron's FusedScaleMaskSoftmax imports one of these per call, chosen by the mask type.
+SOFTMAX_EXTENSIONS = (
+    "scaled_masked_softmax_cuda",
+    "scaled_upper_triang_masked_softmax_cuda",
+    "scaled_softmax_cuda",
+)
+
+
+def _te_fused_rope() -> bool:
+    if not have_transformer_engine():
+        return False
+    try:
+        from megatron.core.models.common.embeddings import rope_utils
+    except Exception:  # noqa: BLE001
+        return False
+    # The very check TransformerConfig.__post_init__ makes for apply_rope_fusion.
+    return (getattr(rope_utils, "fused_apply_rotary_pos_emb", None) is not None
+            or getattr(rope_utils, "fused_apply_rotary_pos_emb_thd", None) is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_kernels_available() -> dict[str, bool]:
+    """Which of Megatron-Core's optional fused kernels this installation can actually run.
+
+    - ``rope_fusion``: transformer-engine's fused RoPE (what ``apply_rope_fusion`` calls);
+    - ``persist_layer_norm``: apex's persistent LayerNorm (``apex.contrib.layer_norm``);
+    - ``masked_softmax_fusion``: Megatron's compiled softmax extensions (:data:`SOFTMAX_EXTENSIONS`),
+      which the megatron-core wheel does not ship;
+    - ``jit_fusion``: GPU code generation for Megatron's ``jit_fuser`` (``torch.compile``), i.e.
+      Triton, used by the bias-dropout-add and bias-activation fusions.
+
+    All are CUDA kernels; whether to use them on a given device is the caller's decision.
+    """
+    return {
+        "rope_fusion": _te_fused_rope(),
+        "persist_layer_norm": _imports("apex.contrib.layer_norm.layer_norm"),
+        "masked_softmax_fusion": all(_imports(m) for m in SOFTMAX_EXTENSIONS),
+        "jit_fusion": _imports("triton"),
+    }
+
+
 def _call_with_supported_kwargs(fn, **kwargs):
     accepted = inspect.signature(fn).parameters
     return fn(**{k: v for k, v in kwargs.items() if k in accepted})
