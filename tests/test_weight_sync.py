@@ -283,20 +283,18 @@ BROKEN = {
 
 
 @pytest.fixture
-def broken_exporter(monkeypatch, engine, student, syncer):
-    """Install a faulty exporter; afterwards restore a correct sync so later tests start clean."""
-    import megatron_eopd.models.qwen3.mapping as mapping
-
-    real = mapping.iter_hf_weights
+def broken_exporter(engine, student, syncer):
+    """Give the syncer a faulty exporter; afterwards restore a correct sync so later tests start clean."""
+    real = syncer.exporter
 
     def install(kind: str):
         def faulty(model_chunks, hf_config=None, **kwargs):
             return BROKEN[kind](real(model_chunks, hf_config, **kwargs), student.eopd_arch)
 
-        monkeypatch.setattr(mapping, "iter_hf_weights", faulty)
+        syncer.exporter = faulty
 
     yield install
-    monkeypatch.setattr(mapping, "iter_hf_weights", real)
+    syncer.exporter = real
     assert syncer.sync(student, method="memory").parity.passed
 
 
@@ -341,6 +339,45 @@ def test_a_stale_tensor_is_named_by_the_strict_sync(broken_exporter, student, sy
 
 
 # --------------------------------------------------------------------------- TP2 x PP2 student
+
+
+@pytest.mark.vllm
+def test_probe_is_longer_than_a_kv_block_and_catches_a_stale_prefix_cache(engine, student, syncer, monkeypatch):
+    """Without the prefix-cache reset after a load, decoding reads keys/values of the old weights."""
+    from megatron_eopd.rollout import ParityProbeError
+
+    assert engine.kv_block_size > 1
+    assert syncer.sync(student, method="memory").parity.num_tokens > engine.kv_block_size  # caches the probe
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: True)
+    _perturb(student, scale=0.05, seed=SEED + 9)
+    with pytest.raises(ParityProbeError) as caught:
+        syncer.sync(student, method="memory")
+    # Only the generated token (the last position) reads the cache; prompt log-probs are recomputed.
+    report = caught.value.report
+    assert report.worst_position == report.num_tokens // len(engine.config.parity.sequences or [0] * 3)
+    monkeypatch.undo()
+    assert syncer.sync(student, method="memory").parity.passed
+
+
+@pytest.mark.vllm
+def test_disk_reload_reports_tensors_the_directory_lacks(engine, converted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_eopd.checkpoint.hf_writer import copy_side_files
+
+    served = converted[0]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    tensors = load_file(str(served / "model.safetensors"))
+    dropped = "model.layers.1.mlp.down_proj.weight"
+    del tensors[dropped]
+    save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    (partial / "config.json").write_text((served / "config.json").read_text())
+    copy_side_files(served, partial)
+    report = engine.load_weights_from_dir(partial)
+    assert any(dropped.rsplit(".", 2)[0] in name for name in report.not_updated), report.not_updated
+    full = engine.load_weights_from_dir(served)
+    assert full.not_updated == []
 
 
 @multirank_check(tp=2, pp=2)
@@ -412,7 +449,6 @@ def test_tp2pp2_student_exports_for_vllm(ctx):
 def test_tp2pp2_syncer_orchestrates_all_ranks(ctx):
     """WeightSyncer at TP2 x PP2 with the engine (the HF fallback) on rank 0 only: both paths, and a
     broken exporter makes every rank stop - rank 0 with the probe error, the others with its verdict."""
-    import megatron_eopd.models.qwen3.mapping as mapping
     from megatron_eopd.checkpoint import HFSafetensors
     from megatron_eopd.models.qwen3 import build_qwen3_gpt, load_hf_weights
     from megatron_eopd.rollout import (
@@ -451,19 +487,19 @@ def test_tp2pp2_syncer_orchestrates_all_ranks(ctx):
         else:
             assert report.load is None and report.parity is None
 
-    real = mapping.iter_hf_weights
+    real = syncer.exporter
     try:
-        mapping.iter_hf_weights = lambda *a, **k: _swap_gate_up(real(*a, **k), model.eopd_arch)
+        syncer.exporter = lambda *a, **k: _swap_gate_up(real(*a, **k), model.eopd_arch)
         _perturb(model, seed=SEED + 10)
         expected = ParityProbeError if ctx.rank == 0 else WeightSyncError
         with pytest.raises(expected, match="sync-step3-memory"):
             syncer.sync(model, method="memory")
         # A tensor left out: the strict check names it on every rank.
-        mapping.iter_hf_weights = lambda *a, **k: _drop_down_proj(real(*a, **k), model.eopd_arch)
+        syncer.exporter = lambda *a, **k: _drop_down_proj(real(*a, **k), model.eopd_arch)
         with pytest.raises(WeightSyncError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
             syncer.sync(model, method="memory")
     finally:
-        mapping.iter_hf_weights = real
+        syncer.exporter = real
 
 
 @pytest.mark.vllm

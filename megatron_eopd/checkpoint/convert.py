@@ -12,7 +12,6 @@ each rank builds and writes only its own shard (memory per rank ~ model / (TP*PP
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import sys
@@ -56,13 +55,13 @@ def _process_group():
     started = not dist.is_initialized()
     if started:
         platform_dist.init_distributed()
+    close = platform_dist.shutdown if started else platform_dist.destroy_model_parallel
     try:
         yield dist.get_rank(), dist.get_world_size()
-    finally:
-        if started:
-            platform_dist.shutdown()
-        else:
-            platform_dist.destroy_model_parallel()
+    except BaseException:
+        _quietly(close, "closing the process group")  # must not replace the error in flight
+        raise
+    close()
 
 
 def _layout(world: int, tp: int, pp: int) -> tuple[int, int]:
@@ -81,19 +80,34 @@ def _broadcast_obj(obj, rank: int):
     return box[0]
 
 
+def _quietly(fn: Callable[[], object], what: str) -> None:
+    """Run clean-up while another error is propagating: report its own failure, never raise it."""
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - the error in flight is the one to report
+        _log(f"(while handling the error below, {what} also failed: {type(exc).__name__}: {exc})")
+
+
 def _agree_on_failure(failed: bool) -> bool:
     """True on every rank if any rank failed (so all ranks clean up and exit together)."""
     import torch
     import torch.distributed as dist
 
-    flag = torch.tensor([1 if failed else 0])
-    dist.all_reduce(flag)
+    from megatron_eopd.platform import distributed as platform_dist
+
+    # On the device the backend reduces on: NCCL has no CPU path.
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int32, device=platform_dist.collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
 
 @contextmanager
 def _staging_dir(output: Path, rank: int, overwrite: bool):
-    """A temporary directory next to ``output`` (shared by all ranks), renamed to ``output`` on success."""
+    """A temporary directory next to ``output`` (shared by all ranks), renamed to ``output`` on success.
+
+    On any failure - this rank's, another rank's, or the agreement collective's own - the staging
+    directory is removed and this rank raises; an error raised inside the block is re-raised as is.
+    """
     import torch.distributed as dist
 
     tmp = None
@@ -102,23 +116,35 @@ def _staging_dir(output: Path, rank: int, overwrite: bool):
         tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     tmp = Path(_broadcast_obj(str(tmp) if tmp else None, rank))
-    failed = True
+
+    def discard() -> None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     try:
         yield tmp
-        failed = False
-    finally:
-        any_failed = _agree_on_failure(failed) if dist.is_initialized() else failed
-        if rank == 0:
-            if any_failed:
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                if output.exists() and overwrite:
-                    trash = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-                    output.rename(trash)
-                    shutil.rmtree(trash, ignore_errors=True)
-                tmp.rename(output)
+    except BaseException:
+        # Tell the other ranks (they may still be writing into tmp), then clean up even if that fails.
         if dist.is_initialized():
-            dist.barrier()
+            _quietly(lambda: _agree_on_failure(True), "telling the other ranks")
+        discard()
+        raise
+    try:
+        any_failed = _agree_on_failure(False) if dist.is_initialized() else False
+    except BaseException:
+        discard()
+        raise
+    if any_failed:
+        discard()
+        raise RuntimeError("the conversion failed on another rank (see its error); nothing was written")
+    if rank == 0:
+        if output.exists() and overwrite:
+            trash = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+            output.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        tmp.rename(output)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _progress(total: int, desc: str, rank: int):
@@ -261,7 +287,7 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
 
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    from megatron_eopd.checkpoint.hf_writer import copy_side_files, write_hf_weights
+    from megatron_eopd.checkpoint.hf_writer import write_hf_files
     from megatron_eopd.checkpoint.mcore_dist import load_mcore_checkpoint
     from megatron_eopd.models.qwen3.mapping import expected_hf_shapes, iter_hf_weights
     from megatron_eopd.models.qwen3.model import build_qwen3_gpt
@@ -287,13 +313,8 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
             stream = iter_hf_weights(model, arch, to_rank=0)
             if rank == 0:
                 with _progress(len(shapes), "Megatron -> HF", rank) as bar:
-                    write_hf_weights(tmp, stream, shapes, out_dtype, max_shard_bytes=args.max_shard_size, progress=bar)
-                config = dict(hf_config)
-                for key in ("torch_dtype", "dtype"):
-                    if key in config or key == "torch_dtype":
-                        config[key] = str(out_dtype).replace("torch.", "")
-                (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-                copy_side_files(ckpt / HF_SUBDIR, tmp)
+                    write_hf_files(tmp, stream, shapes, out_dtype, hf_config=hf_config,
+                                   side_files_from=ckpt / HF_SUBDIR, max_shard_bytes=args.max_shard_size, progress=bar)
             else:
                 for _ in stream:  # drive the collectives; only rank 0 receives tensors
                     pass

@@ -104,3 +104,57 @@ def write_hf_weights(
         index = {"metadata": {"total_size": total}, "weight_map": file_of}
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return written
+
+
+def hf_config_for_dtype(config: Mapping, dtype: torch.dtype) -> dict:
+    """A copy of a HF ``config.json`` dict declaring ``dtype`` (both the old and the new key)."""
+    out = dict(config)
+    name = str(dtype).replace("torch.", "")
+    out["torch_dtype"] = name  # vLLM and transformers < 5 read this one
+    out["dtype"] = name
+    return out
+
+
+def write_hf_files(
+    out_dir: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    shapes: Mapping[str, Sequence[int]],
+    dtype: torch.dtype,
+    *,
+    hf_config: Mapping,
+    side_files_from: Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: Optional[object] = None,
+) -> None:
+    """Everything a HF model directory holds: weights, ``config.json`` for ``dtype``, tokenizer files."""
+    write_hf_weights(out_dir, tensors, shapes, dtype, max_shard_bytes=max_shard_bytes, progress=progress)
+    config = hf_config_for_dtype(hf_config, dtype)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    copy_side_files(Path(side_files_from), out_dir)
+
+
+def write_hf_directory(out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, Sequence[int]],
+                       dtype: torch.dtype, *, hf_config: Mapping, side_files_from: Path, **kwargs) -> Path:
+    """:func:`write_hf_files` into a staging directory renamed to ``out_dir`` at the end (replacing it).
+
+    A reader never sees a half-written directory; a failure leaves ``out_dir`` as it was.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write_hf_files(staging, tensors, shapes, dtype, hf_config=hf_config, side_files_from=side_files_from, **kwargs)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+    return out_dir

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import torch
 
 from megatron_eopd.checkpoint.errors import ConversionError
+from megatron_eopd.models.chunks import as_chunk_list, unwrap_model
 
 FORMAT = "megatron-eopd/qwen3-torch_dist"
 FORMAT_VERSION = 1
@@ -57,14 +58,8 @@ def hf_config_of(ckpt_dir: Union[str, Path]) -> dict:
     return json.loads((Path(ckpt_dir) / HF_SUBDIR / "config.json").read_text())
 
 
-def _chunks(model_chunks: Any) -> list:
-    return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-
-
 def _model_sharded_state_dict(model_chunks: Any) -> dict:
-    from megatron_eopd.models.qwen3.mapping import unwrap_model
-
-    chunks = _chunks(model_chunks)
+    chunks = as_chunk_list(model_chunks)
     if len(chunks) == 1:
         return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
     # Megatron-LM's key names for virtual pipeline chunks.
@@ -93,10 +88,9 @@ def load_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path], *, stri
     spec loads into a model built with the other.
     """
     from megatron.core import dist_checkpointing
-    from megatron_eopd.models.qwen3.mapping import unwrap_model
 
     meta = read_checkpoint_meta(ckpt_dir)
-    chunks = _chunks(model_chunks)
+    chunks = as_chunk_list(model_chunks)
     sharded = _model_sharded_state_dict(chunks)
     loaded = dist_checkpointing.load(sharded, str(Path(ckpt_dir) / RELEASE))
     for i, chunk in enumerate(chunks):

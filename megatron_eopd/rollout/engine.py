@@ -189,7 +189,9 @@ class RolloutConfig:
     Hugging Face fallback, only when asked for).  vLLM engine arguments: ``dtype``,
     ``gpu_memory_utilization`` (``None``: the platform default, see ``vllm_engine.py``),
     ``enforce_eager``, ``max_model_len``, ``tensor_parallel_size``, ``enable_prefix_caching``,
-    ``seed``.  ``weight_sync``: ``"memory"`` streams tensors into the running engine in buckets of
+    ``seed``.  ``engines_per_node``: engines per node at cluster scale (each serves a share of the
+    prompts).  ``sleep_between_phases``: on GPUs the engine sleeps while the models train (None: on
+    wherever vLLM runs on a GPU).  ``weight_sync``: ``"memory"`` streams tensors into the running engine in buckets of
     ``sync_bucket_mb``; ``"disk"`` writes a HF directory under ``sync_dir`` (shared disk) and has the
     engine reload it.
     """
@@ -209,6 +211,8 @@ class RolloutConfig:
     sync_bucket_mb: float = 512.0
     hf_device: str = "cpu"
     show_progress: bool = True
+    engines_per_node: int = 1
+    sleep_between_phases: Optional[bool] = None
     parity: ParityProbeConfig = field(default_factory=ParityProbeConfig)
 
     def __post_init__(self) -> None:
@@ -237,6 +241,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.weight_sync must be 'memory' or 'disk', got {self.weight_sync!r}")
         if self.weight_sync == "disk" and not self.sync_dir:
             raise ValueError("rollout.weight_sync='disk' needs rollout.sync_dir (a directory on shared disk)")
+        if self.engines_per_node < 1:
+            raise ValueError(f"rollout.engines_per_node must be >= 1, got {self.engines_per_node}")
         if not self.sync_bucket_mb > 0:
             raise ValueError(f"rollout.sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
         if self.max_model_len is not None and self.sampling.max_tokens >= self.max_model_len:
@@ -290,6 +296,17 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def load_weights_from_dir(self, hf_dir: Union[str, Path]) -> WeightLoadReport:
         """Overwrite the engine's weights from a HF model directory (safetensors) on shared disk."""
+
+    @property
+    def kv_block_size(self) -> int:
+        """Tokens per KV-cache block (prefix caching reuses whole blocks); 1 for engines without one."""
+        return 1
+
+    def sleep(self) -> None:
+        """Free device memory between rollout phases (no-op where the engine cannot sleep)."""
+
+    def wake_up(self) -> None:
+        """Undo :meth:`sleep` before generating or receiving weights."""
 
     def close(self) -> None:
         """Release the engine (processes, memory).  Safe to call twice."""

@@ -14,6 +14,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from megatron_eopd.models.chunks import as_chunk_list, unwrap_model
+from megatron_eopd.models.forward import MicroBatch, last_stage_group_source, run_micro_batches
 from megatron_eopd.rollout.engine import ParityProbeConfig, RolloutEngine
 
 
@@ -172,12 +174,9 @@ def megatron_sequence_logprobs(
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_eopd.models.qwen3.mapping import unwrap_model
-
-    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    chunks = as_chunk_list(model_chunks)
     if len(chunks) != 1:
         raise NotImplementedError("the parity probe does not support virtual pipeline stages yet")
     inner = unwrap_model(chunks[0])
@@ -191,31 +190,16 @@ def megatron_sequence_logprobs(
     tokens = torch.zeros((batch, length), dtype=torch.long, device=device)
     for i, seq in enumerate(sequences):
         tokens[i, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-    position_ids = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
-    picked: list[torch.Tensor] = []
 
-    def loss_func(logits: torch.Tensor):
+    def pick_logprobs(logits: torch.Tensor, _micro_batch: MicroBatch) -> torch.Tensor:
+        # A few probe tokens only: gathering their full-vocabulary logits is cheap and independent.
         full = gather_from_tensor_model_parallel_region(logits.float())[..., :vocab_size]
         logp = torch.log_softmax(full, dim=-1)
-        picked.append(logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1))
-        return logits.new_zeros(()), {}
+        return logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
-    def forward_step(data_iterator, model):
-        next(data_iterator)
-        return model(tokens, position_ids, None), loss_func
-
-    get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter([None]),
-        model=chunks,
-        num_microbatches=1,
-        seq_length=length,
-        micro_batch_size=batch,
-        forward_only=True,
-    )
-    result = picked[0] if picked else torch.empty((batch, length - 1), dtype=torch.float32, device=device)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        group = parallel_state.get_pipeline_model_parallel_group()
-        last = dist.get_global_rank(group, parallel_state.get_pipeline_model_parallel_world_size() - 1)
-        dist.broadcast(result, src=last, group=group)
+    picked = run_micro_batches(chunks, [MicroBatch.from_tokens(tokens)], pick_logprobs, forward_only=True)
+    result = picked[0].contiguous() if picked else torch.empty((batch, length - 1), dtype=torch.float32, device=device)
+    source = last_stage_group_source()
+    if source is not None:
+        dist.broadcast(result, src=source, group=parallel_state.get_pipeline_model_parallel_group())
     return [result[i, : len(seq) - 1].float().cpu() for i, seq in enumerate(sequences)]

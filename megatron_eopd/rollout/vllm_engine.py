@@ -55,11 +55,17 @@ def _vllm_on_cpu() -> bool:
 def platform_engine_defaults(config: RolloutConfig) -> dict:
     """Engine arguments (and, on CPU, environment) that depend on where vLLM runs."""
     if _vllm_on_cpu():
+        if config.sleep_between_phases:
+            raise ValueError("rollout.sleep_between_phases=true needs vLLM on a GPU (vLLM-CPU has no sleep mode)")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_SPACE_GIB)
-        utilization = config.gpu_memory_utilization or CPU_GPU_MEMORY_UTILIZATION
-    else:
-        utilization = config.gpu_memory_utilization or GPU_MEMORY_UTILIZATION
-    return {"gpu_memory_utilization": utilization}
+        return {"gpu_memory_utilization": config.gpu_memory_utilization or CPU_GPU_MEMORY_UTILIZATION}
+    # On GPUs the engine shares the devices with training: it sleeps (weights offloaded, KV cache
+    # freed) while the teacher and the student run, unless told otherwise.
+    sleep = True if config.sleep_between_phases is None else config.sleep_between_phases
+    return {
+        "gpu_memory_utilization": config.gpu_memory_utilization or GPU_MEMORY_UTILIZATION,
+        "enable_sleep_mode": sleep,
+    }
 
 
 # ========================================================================= end CPU-specific settings
@@ -92,6 +98,7 @@ class VLLMRolloutEngine(RolloutEngine):
         if config.max_model_len is not None:
             engine_args["max_model_len"] = config.max_model_len
         engine_args.update(platform_engine_defaults(config))
+        self.sleep_mode = bool(engine_args.get("enable_sleep_mode", False))
         self.engine_args = engine_args
         self.llm = vllm.LLM(**engine_args)
         self._vllm = vllm
@@ -190,13 +197,25 @@ class VLLMRolloutEngine(RolloutEngine):
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
         start = time.perf_counter()
-        self.llm.collective_rpc("eopd_reload_from_dir", args=(str(hf_dir),))
+        not_updated = self.llm.collective_rpc("eopd_reload_from_dir", args=(str(hf_dir),))[0]
         self.llm.reset_prefix_cache()
         num_bytes = sum(f.stat().st_size for f in files)
         num_tensors = _count_safetensors(files)
         return WeightLoadReport(
-            "disk", num_tensors, num_bytes, time.perf_counter() - start, num_messages=len(files)
+            "disk", num_tensors, num_bytes, time.perf_counter() - start, list(not_updated), num_messages=len(files)
         )
+
+    @property
+    def kv_block_size(self) -> int:
+        return int(self.llm.llm_engine.vllm_config.cache_config.block_size)
+
+    def sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=1)  # weights to host memory, KV cache freed
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
 
     def parameter_checksum(self) -> float:
         """Sum of the engine's parameters (tests use it to see that an update landed)."""

@@ -1,35 +1,41 @@
-"""Moving the student's Megatron weights (any TP/PP) into the rollout engine, then proving they arrived.
+"""Moving the student's Megatron weights (any TP/PP) into the rollout engines, then proving they arrived.
 
 After every optimizer iteration :meth:`WeightSyncer.sync` is called on **every rank**:
 
-1. the exporter of the Qwen3 mapping (``iter_hf_weights``) gathers each tensor over TP/PP and
-   streams full HF-named tensors to the rank that owns the engine (global rank 0);
+1. the exporter (``iter_hf_weights`` of the Qwen3 mapping, passed in) gathers each tensor over
+   TP/PP and streams full HF-named tensors to the rank(s) of its data-parallel replica that host an
+   engine (one host: only it receives; several: every rank of the replica receives);
 2. ``"memory"``: the stream goes straight into the running engine in buckets
-   (:meth:`RolloutEngine.load_weights`; for vLLM a worker extension over ``collective_rpc``);
-   ``"disk"``: the stream is written as a HF directory under ``sync_dir`` with the converter's
-   writer, and the engine reloads it (:meth:`RolloutEngine.load_weights_from_dir`);
-3. the parity probe: the Megatron student scores the probe sequences (a forward on all ranks), the
-   engine scores the same sequences, and beyond tolerance every rank raises
-   :class:`~megatron_eopd.rollout.parity.ParityProbeError`.
+   (:meth:`RolloutEngine.load_weights`); ``"disk"``: it is written as a HF directory under
+   ``sync_dir`` and the engine reloads it (:meth:`RolloutEngine.load_weights_from_dir`); both report
+   engine parameters left unwritten, which ``strict`` turns into an error;
+3. the parity probe: the engine greedily extends each probe sequence by one token, then the
+   Megatron student scores the extended sequences (a forward on its replica's ranks) and the engine
+   scores them too (prompt log-probs).  The probe sequences are longer than the engine's KV-cache
+   block and are the same at every sync, so a prefix cache that survived the weight update would
+   feed stale keys/values into the generated token's log-prob: the probe sees it.  Beyond tolerance
+   every rank raises.
 
-Only data-parallel replica 0 exports; the other replicas hold the same weights and only join the
-verdict, so all ranks stop together instead of some hanging in a collective.  (An engine that fails
-*while* receiving leaves the other ranks inside the exporter's collectives until the process-group
-timeout: such a failure is an infrastructure fault, not a mapping one.)
+Replicas without an engine only join the verdict, so all ranks stop together instead of some
+hanging in a collective.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
-from megatron_eopd.rollout.engine import RolloutConfig, RolloutEngine, WeightLoadReport
+from megatron_eopd.checkpoint.hf_writer import write_hf_directory
+from megatron_eopd.models.chunks import as_chunk_list, unwrap_model
+from megatron_eopd.models.qwen3 import Qwen3Arch, expected_hf_shapes, iter_hf_weights, parse_hf_config
+from megatron_eopd.models.qwen3.architecture import load_hf_config
+from megatron_eopd.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings, WeightLoadReport
 from megatron_eopd.rollout.parity import (
     ParityProbeError,
     ParityReport,
@@ -38,6 +44,11 @@ from megatron_eopd.rollout.parity import (
     probe_sequences,
 )
 
+# (model chunks, arch, to_rank) -> HF-named tensors; ``iter_hf_weights`` for Qwen3.
+Exporter = Callable[..., Iterator[tuple[str, torch.Tensor]]]
+# Probe sequences must exceed one KV block by this much, so whole blocks get cached.
+PROBE_BLOCK_MARGIN = 8
+
 
 class WeightSyncError(RuntimeError):
     """A sync did not update every engine parameter, or the engine refused the weights."""
@@ -45,7 +56,7 @@ class WeightSyncError(RuntimeError):
 
 @dataclass
 class SyncReport:
-    """One sync as seen from the engine's rank (``load`` and ``parity`` are None elsewhere)."""
+    """One sync as seen from an engine's rank (``load`` and ``parity`` are None elsewhere)."""
 
     step: int
     method: str
@@ -54,18 +65,51 @@ class SyncReport:
     parity: Optional[ParityReport]
 
 
+@dataclass(frozen=True)
+class _ReplicaRoute:
+    """How this rank's data-parallel replica takes part in a sync."""
+
+    exports: bool  # some rank of the replica hosts an engine
+    to_rank: Optional[int]  # the exporter's receiver in the replica (None: every rank)
+    lead_host: Optional[int]  # global rank whose engine extends the probe sequences
+
+
 def _drain(stream: Iterable) -> None:
     for _ in stream:  # drives the exporter's collectives on ranks that receive nothing
         pass
 
 
-class WeightSyncer:
-    """Syncs a Megatron Qwen3 student into a rollout engine and runs the parity probe after each sync.
+def _distributed() -> bool:
+    import torch.distributed as dist
 
-    ``engine`` is the engine on the rank that owns it (global rank 0) and ``None`` on every other
-    rank.  ``hf_config``: the student's HF config (default: read from the model built by
-    ``build_qwen3_gpt``).  ``strict``: a sync that leaves any engine parameter unwritten raises
-    :class:`WeightSyncError` before the probe even runs.
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _replica_route(owns_engine: bool) -> _ReplicaRoute:
+    """Which ranks of each replica host engines, from one all-gather over the world."""
+    if not _distributed():
+        return _ReplicaRoute(owns_engine, 0 if owns_engine else None, 0 if owns_engine else None)
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    position = parallel_state.get_pipeline_model_parallel_rank() * tp + parallel_state.get_tensor_model_parallel_rank()
+    mine = (owns_engine, parallel_state.get_data_parallel_rank(), position, dist.get_rank())
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    hosts = sorted((pos, rank) for own, dp, pos, rank in everyone if own and dp == mine[1])
+    if not hosts:
+        return _ReplicaRoute(False, None, None)
+    return _ReplicaRoute(True, hosts[0][0] if len(hosts) == 1 else None, hosts[0][1])
+
+
+class WeightSyncer:
+    """Syncs a Megatron Qwen3 student into rollout engines and runs the parity probe after each sync.
+
+    ``engine``: the engine this rank hosts, or ``None``.  ``exporter``: streams HF-named tensors
+    (default: the Qwen3 mapping's ``iter_hf_weights``).  ``hf_config``: the student's architecture
+    (default: read from the model built by ``build_qwen3_gpt``).  ``strict``: a sync that leaves
+    any engine parameter unwritten raises :class:`WeightSyncError` before the probe runs.
     """
 
     def __init__(
@@ -73,153 +117,164 @@ class WeightSyncer:
         engine: Optional[RolloutEngine],
         config: RolloutConfig,
         *,
+        exporter: Exporter = iter_hf_weights,
         hf_config: Any = None,
         vocab_size: Optional[int] = None,
         strict: bool = True,
     ):
         self.engine = engine
         self.config = config
+        self.exporter = exporter
         self.hf_config = hf_config
         self.vocab_size = vocab_size
         self.strict = strict
         self.step = 0
+        self._route: Optional[_ReplicaRoute] = None
         self._last_dir: Optional[Path] = None
 
-    # ------------------------------------------------------------------ helpers
-
-    @staticmethod
-    def _ranks() -> tuple[int, int, bool]:
-        """(global rank, world size, whether this rank is in data-parallel replica 0)."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state
-
-        if not dist.is_initialized():
-            return 0, 1, True
-        return dist.get_rank(), dist.get_world_size(), parallel_state.get_data_parallel_rank() == 0
-
-    def _arch(self, model_chunks: Any):
-        from megatron_eopd.models.qwen3 import Qwen3Arch, parse_hf_config
-        from megatron_eopd.models.qwen3.mapping import unwrap_model
-
+    def _arch(self, model_chunks: Any) -> Qwen3Arch:
         if self.hf_config is not None:
-            return (
-                self.hf_config if isinstance(self.hf_config, Qwen3Arch) else parse_hf_config(self.hf_config)
-            )
-        chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-        arch = getattr(unwrap_model(chunks[0]), "eopd_arch", None)
+            return self.hf_config if isinstance(self.hf_config, Qwen3Arch) else parse_hf_config(self.hf_config)
+        arch = getattr(unwrap_model(as_chunk_list(model_chunks)[0]), "eopd_arch", None)
         if arch is None:
             raise ValueError("pass hf_config to WeightSyncer: the model was not built by build_qwen3_gpt")
         return arch
 
-    def _write_hf_dir(self, stream: Iterable[tuple[str, torch.Tensor]], arch, dtype: torch.dtype) -> Path:
-        from megatron_eopd.checkpoint.hf_writer import copy_side_files, write_hf_weights
-        from megatron_eopd.models.qwen3.mapping import expected_hf_shapes
-
-        root = Path(self.config.sync_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"student-step{self.step:06d}"
-        staging = root / f".staging-step{self.step:06d}"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.mkdir()
-        write_hf_weights(staging, stream, expected_hf_shapes(arch), dtype)
-        # A complete HF directory (config + tokenizer), so it also serves evaluation or a restart.
-        source = self.engine.model_dir
-        config = json.loads((source / "config.json").read_text())
-        for key in ("torch_dtype", "dtype"):
-            if key in config:
-                config[key] = str(dtype).replace("torch.", "")
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        copy_side_files(source, staging)
-        staging.rename(final)  # readers never see a half-written directory
-        return final
-
     def _sync_dtype(self, model_chunks: Any) -> torch.dtype:
         if self.config.dtype != "auto":
             return getattr(torch, self.config.dtype)
-        chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-        return next(chunks[0].parameters()).dtype
+        return next(as_chunk_list(model_chunks)[0].parameters()).dtype
 
-    # ------------------------------------------------------------------ the sync
+    def _load_from_disk(self, stream, arch: Qwen3Arch, dtype: torch.dtype) -> WeightLoadReport:
+        start = time.perf_counter()
+        written = write_hf_directory(
+            Path(self.config.sync_dir) / f"student-rank{_global_rank()}-step{self.step:06d}",
+            stream,
+            expected_hf_shapes(arch),
+            dtype,
+            hf_config=load_hf_config(self.engine.model_dir),
+            side_files_from=self.engine.model_dir,
+        )
+        load = self.engine.load_weights_from_dir(written)
+        load.seconds = time.perf_counter() - start  # writing is part of the disk path's cost
+        if self._last_dir is not None and self._last_dir != written:
+            shutil.rmtree(self._last_dir, ignore_errors=True)
+        self._last_dir = written
+        return load
+
+    def _probe_sequences(self, vocab: int) -> tuple[list[list[int]], Any]:
+        """The probe sequences, longer than this engine's KV-cache block, and the config to judge them."""
+        parity = self.config.parity
+        block = self.engine.kv_block_size
+        if parity.sequences:
+            short = [i for i, seq in enumerate(parity.sequences) if len(seq) <= block]
+            if short:
+                raise ValueError(
+                    f"parity probe sequences {short} are not longer than the engine's KV-cache block "
+                    f"({block} tokens): a stale prefix cache would go unnoticed"
+                )
+        elif parity.sequence_length <= block:
+            parity = dataclasses.replace(parity, sequence_length=block + PROBE_BLOCK_MARGIN)
+        return probe_sequences(parity, vocab), parity
+
+    def _probe(self, model_chunks: Any, arch: Qwen3Arch, route: _ReplicaRoute, method: str) -> Optional[ParityReport]:
+        """Probe sequences extended by the lead engine's greedy token, scored by both sides.
+
+        Returns the report on engine ranks, None elsewhere.
+        """
+        vocab = self.vocab_size or arch.vocab_size
+        lead = None
+        if self.engine is not None and _global_rank() == route.lead_host:
+            sequences, parity = self._probe_sequences(vocab)
+            greedy = SamplingSettings(n=1, temperature=0.0, max_tokens=1)
+            out = self.engine.generate(sequences, greedy, show_progress=False)
+            extended = [list(seq) + r.samples[0].token_ids[:1] for seq, r in zip(sequences, out.results)]
+            lead = (extended, [r.samples[0].logprobs[0] for r in out.results], parity)
+        extended, generated_logprobs, parity = _broadcast_in_replica(lead, route.lead_host)
+        reference = megatron_sequence_logprobs(model_chunks, extended, vocab_size=vocab)
+        if self.engine is None:
+            return None
+        if lead is not None:
+            # The generated token's log-prob comes from decoding over the (possibly cached) prompt.
+            scored = self.engine.score([seq[:-1] for seq in extended])
+            engine_logprobs = [torch.cat([s, torch.tensor([lp], dtype=s.dtype)]) for s, lp in zip(scored, generated_logprobs)]
+        else:  # a second engine in the replica: the lead's sequences, prompt log-probs only
+            engine_logprobs = self.engine.score(extended)
+        return compare_logprobs(engine_logprobs, reference, extended, probe=f"sync-step{self.step}-{method}",
+                                config=parity)
 
     def sync(self, model_chunks: Any, *, method: Optional[str] = None, probe: bool = True) -> SyncReport:
-        """Move the current weights into the engine, then (``probe``) run the parity probe; all ranks call."""
-        from megatron_eopd.models.qwen3.mapping import iter_hf_weights
-
+        """Move the current weights into the engines, then (``probe``) run the parity probe; all ranks call."""
         method = method or self.config.weight_sync
         if method not in ("memory", "disk"):
             raise ValueError(f"sync method must be 'memory' or 'disk', got {method!r}")
         if method == "disk" and not self.config.sync_dir:
             raise ValueError("disk sync needs rollout.sync_dir")
-        rank, _, in_replica0 = self._ranks()
-        owns_engine = self.engine is not None
+        if self._route is None:
+            self._route = _replica_route(self.engine is not None)
+        route = self._route
         self.step += 1
         start = time.perf_counter()
         load: Optional[WeightLoadReport] = None
         parity: Optional[ParityReport] = None
         failure: Optional[str] = None
         try:
-            if in_replica0:
+            if route.exports:
                 arch = self._arch(model_chunks)
-                stream = iter_hf_weights(model_chunks, arch, to_rank=0)
-                if not owns_engine:
+                stream = self.exporter(model_chunks, arch, to_rank=route.to_rank)
+                if self.engine is None:
                     _drain(stream)
                 elif method == "memory":
                     load = self.engine.load_weights(stream)
                 else:
-                    t0 = time.perf_counter()
-                    written = self._write_hf_dir(stream, arch, self._sync_dtype(model_chunks))
-                    load = self.engine.load_weights_from_dir(written)
-                    load.seconds = time.perf_counter() - t0  # writing is part of the disk path's cost
-                    if self._last_dir is not None and self._last_dir != written:
-                        shutil.rmtree(self._last_dir, ignore_errors=True)
-                    self._last_dir = written
-                # Every rank takes part in the probe's forward before anyone may raise, so that a
-                # failure found on the engine's rank never leaves the others inside a collective.
-                reference = sequences = None
+                    load = self._load_from_disk(stream, arch, self._sync_dtype(model_chunks))
+                # Every rank of the replica takes part in the probe's forward before anyone may
+                # raise, so a failure found on an engine's rank never strands the others.
                 if probe and self.config.parity.enabled:
-                    vocab = self.vocab_size or arch.vocab_size
-                    sequences = probe_sequences(self.config.parity, vocab)
-                    reference = megatron_sequence_logprobs(model_chunks, sequences, vocab_size=vocab)
-                if owns_engine and self.strict and load.not_updated:
+                    parity = self._probe(model_chunks, arch, route, method)
+                if self.engine is not None and self.strict and load.not_updated:
                     raise WeightSyncError(
                         f"weight sync step {self.step} ({method}) left {len(load.not_updated)} engine "
                         f"parameters unwritten (stale): {load.not_updated[:6]}"
                     )
-                if owns_engine and reference is not None:
-                    parity = compare_logprobs(
-                        self.engine.score(sequences),
-                        reference,
-                        sequences,
-                        probe=f"sync-step{self.step}-{method}",
-                        config=self.config.parity,
-                    )
-                    if not parity.passed:
-                        raise ParityProbeError(parity)
+                if parity is not None and not parity.passed:
+                    raise ParityProbeError(parity)
         except BaseException as exc:  # noqa: BLE001 - shared with the other ranks below, then re-raised
             failure = f"{type(exc).__name__}: {exc}"
-            if not _is_distributed():
+            if not _distributed():
                 raise
-            _share_verdict(failure, rank)
+            _gather_failures(failure)
             raise
-        verdict = _share_verdict(failure, rank)
-        if verdict is not None:
-            raise WeightSyncError(f"weight sync step {self.step} failed on the engine's rank: {verdict}")
+        failures = _gather_failures(None)
+        if failures:
+            raise WeightSyncError(f"weight sync step {self.step} failed on another rank: {failures[0]}")
         return SyncReport(self.step, method, time.perf_counter() - start, load, parity)
 
 
-def _is_distributed() -> bool:
+def _global_rank() -> int:
     import torch.distributed as dist
 
-    return dist.is_initialized() and dist.get_world_size() > 1
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _share_verdict(failure: Optional[str], rank: int) -> Optional[str]:
-    """Broadcast the engine rank's verdict (None = success) to every rank."""
-    if not _is_distributed():
-        return failure
+def _broadcast_in_replica(value, source: Optional[int]):
+    """``value`` from global rank ``source`` to every rank of its model-parallel group."""
+    if not _distributed():
+        return value
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
-    box = [failure if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    box = [value]
+    dist.broadcast_object_list(box, src=source, group=parallel_state.get_model_parallel_group())
     return box[0]
+
+
+def _gather_failures(failure: Optional[str]) -> list[str]:
+    """Every rank's failure message (this rank's included), from one all-gather over the world."""
+    if not _distributed():
+        return [failure] if failure else []
+    import torch.distributed as dist
+
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, failure)
+    return [f"rank {r}: {f}" for r, f in enumerate(everyone) if f]

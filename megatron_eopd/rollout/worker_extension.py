@@ -10,6 +10,8 @@ in buckets without ever being whole in one message:
                                       loader fuses q/k/v and gate/up and shards for its TP
     eopd_finish_weight_update()       re-run the post-load processing; report parameters never written
 
+``eopd_reload_from_dir(path)`` runs the same three steps over a HF directory's safetensors files.
+
 A payload is ``{"transport": name, ...}``; :data:`DECODERS` turns it back into (name, tensor) pairs.
 The ``"bytes"`` transport carries raw tensor bytes inside the RPC message, which is what works on
 CPU (vLLM's RPC pickles arguments and cannot pickle tensors' memoryviews).  A GPU transport (CUDA IPC
@@ -153,13 +155,34 @@ class WeightSyncWorkerExtension:
         del self._eopd_loaded
         return not_updated
 
-    def eopd_reload_from_dir(self, hf_dir: str) -> None:
-        """Reload every weight from a HF directory (vLLM's in-place reload; keeps KV cache and graphs)."""
+    def eopd_reload_from_dir(self, hf_dir: str) -> list[str]:
+        """Reload every weight from a HF directory's safetensors; returns parameters no file wrote.
+
+        The same begin / load / finish path as an in-memory update (one tensor at a time, read
+        lazily), so a directory that lacks a tensor is reported exactly like a bucket that lacks it.
+        """
+        from pathlib import Path
+
+        from safetensors import safe_open
         from vllm.config import set_current_vllm_config
 
-        self.reload_weights(weights_path=hf_dir)
-        with set_current_vllm_config(self.vllm_config):
-            refresh_tied_embedding_kernels(self._eopd_model())
+        files = sorted(Path(hf_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
+        self.eopd_begin_weight_update()
+        model = self._eopd_model()
+        try:
+            for file in files:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        pair = (name, handle.get_tensor(name).to(self._eopd_device))
+                        with set_current_vllm_config(self.vllm_config):
+                            loaded = model.load_weights(iter([pair]))
+                        if loaded:
+                            self._eopd_loaded.update(loaded)
+        finally:
+            not_updated = self.eopd_finish_weight_update()
+        return not_updated
 
     def eopd_parameter_checksum(self) -> float:
         """Sum of all parameters (float64): a cheap way for tests to see that weights changed."""

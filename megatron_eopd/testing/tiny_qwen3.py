@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Small word-level vocabulary: enough for chat-shaped prompts and arithmetic.
@@ -58,7 +58,7 @@ def make_tiny_qwen3(
     out_dir: Union[str, Path],
     *,
     seed: int = 0,
-    vocab_size: int = 301,
+    vocab_size: Optional[int] = None,
     hidden_size: int = 64,
     num_layers: int = 4,
     num_heads: int = 4,
@@ -71,21 +71,36 @@ def make_tiny_qwen3(
     rope_theta: float = 1_000_000.0,
     init_std: float = 0.2,
     max_shard_size: Optional[str] = None,
+    tokenizer=None,
+    perturb_norms: bool = True,
+    eos_tokens: Sequence[str] = ("<|im_end|>",),
 ) -> Path:
     """Write a random ``Qwen3ForCausalLM`` plus tokenizer to ``out_dir`` and return the directory.
 
     Deterministic given ``seed``.  ``init_std`` is larger than HF's default so logits of the tiny
     model are far from uniform (differences in conversion then show).  ``max_shard_size`` (e.g.
     ``"50KB"``) forces a sharded checkpoint with ``model.safetensors.index.json``.
+
+    ``tokenizer``: a ``PreTrainedTokenizerFast`` with the Qwen specials to ship instead of the
+    word-level test tokenizer; ``vocab_size`` then defaults to its length (default 301 otherwise).
+    ``perturb_norms=False`` keeps HF's all-ones norm init (for models that are trained, not compared).
+    ``eos_tokens``: the generation config's stop tokens (one id is written when there is one).
     """
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer(vocab_size)
+    if tokenizer is None:
+        vocab_size = 301 if vocab_size is None else vocab_size
+        tokenizer = _build_tokenizer(vocab_size)
+    elif vocab_size is None:
+        vocab_size = len(tokenizer)
+    elif vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in eos_tokens]
     config = Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -111,12 +126,14 @@ def make_tiny_qwen3(
         with torch.no_grad():
             # Norm weights start at 1 in HF; perturb them so a swapped norm would show.
             for name, param in model.named_parameters():
-                if name.endswith("norm.weight"):
+                if perturb_norms and name.endswith("norm.weight"):
                     param.add_(0.1 * torch.randn_like(param))
     model = model.to(torch_dtype).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
-    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=stop_ids[0] if len(stop_ids) == 1 else stop_ids, pad_token_id=pad_id
+    )
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # vLLM and older transformers read ``torch_dtype``; transformers 5 writes ``dtype``.

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
+from megatron_eopd.models.chunks import as_chunk_list, unwrap_model
 from megatron_eopd.models.qwen3.architecture import (
     DEFAULT_VOCAB_DIVISOR,
     Qwen3Arch,
@@ -283,13 +284,6 @@ def hf_to_megatron_shard(
 # --------------------------------------------------------------------------- model-chunk helpers
 
 
-def unwrap_model(chunk: Any) -> Any:
-    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
-    while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def _chunk_layer_spec(model: Any) -> str:
     spec = getattr(model, "eopd_layer_spec", None)
     if spec is not None:
@@ -343,7 +337,7 @@ def load_hf_weights(
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    chunks = as_chunk_list(model_chunks)
     for chunk in chunks:
         model = unwrap_model(chunk)
         arch = _chunk_arch(model, hf_config)
@@ -398,7 +392,7 @@ def iter_hf_weights(
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    chunks = as_chunk_list(model_chunks)
     models = [unwrap_model(c) for c in chunks]
     arch = _chunk_arch(models[0], hf_config)
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
