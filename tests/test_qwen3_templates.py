@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_eopd.rollout.qwen3_templates import (
+from megatron_eopd.data.qwen3_templates import (
     EVAL_SUFFIX,
     TRAIN_SUFFIX,
     Qwen3SpecialIds,

@@ -1,0 +1,291 @@
+"""A synthetic arithmetic-reasoning task for the tiny CPU demo: multi-operand sums.
+
+A problem asks for the sum of a few one-digit numbers.  A solution combines any two remaining
+numbers per step ("3+5=8,8+2=10,10+7=17. \\boxed{17}"), so there are many valid paths: a teacher trained on
+random paths is uncertain at the operand choices and certain everywhere else, which is the token
+mix EOPD's entropy gate is about.  Also here: a character-level Qwen-style tokenizer and task models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Sequence, Union
+
+from megatron_eopd.data.prompts import PromptRecord
+from megatron_eopd.data.qwen3_templates import EMPTY_THINK, ENDOFTEXT, EVAL_SUFFIX, IM_END, IM_START, TRAIN_SUFFIX
+
+SOURCE = "synthetic:arith"
+MIN_OPERANDS = 4
+MAX_OPERANDS = 6
+MAX_OPERAND = 9
+# About one multiset of operands in TEST_BUCKETS goes to the test split (by a hash, so stable).
+TEST_BUCKETS = 8
+
+STEP_SEP = ","
+_PROBLEM_RE = re.compile(r"^Add (\d+(?:, \d+)*) and (\d+)\.$")
+_STEP_RE = re.compile(r"(\d+)\+(\d+)=(\d+)")
+FINAL_PREFIX = ". \\boxed{"
+FINAL_SUFFIX = "}"
+
+Split = Literal["train", "test"]
+
+
+def format_problem(operands: Sequence[int]) -> str:
+    """``[3, 5, 2, 7]`` -> ``"Add 3, 5, 2 and 7."``"""
+    if len(operands) < 2:
+        raise ValueError("a problem needs at least two operands")
+    return f"Add {', '.join(str(x) for x in operands[:-1])} and {operands[-1]}."
+
+
+def parse_problem(problem: Union[str, PromptRecord]) -> List[int]:
+    """The operands of a problem written by :func:`format_problem`."""
+    text = problem.problem if isinstance(problem, PromptRecord) else problem
+    match = _PROBLEM_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"not a synthetic arithmetic problem: {text!r}")
+    return [int(x) for x in match.group(1).split(", ")] + [int(match.group(2))]
+
+
+def final_text(total: int) -> str:
+    """The closing of every solution, with the answer boxed."""
+    return f"{FINAL_PREFIX}{total}{FINAL_SUFFIX}"
+
+
+def _split_of(operands: Sequence[int]) -> Split:
+    # Hash the sorted operands: reorderings of one problem land in the same split.
+    key = ",".join(str(x) for x in sorted(operands)).encode()
+    return "test" if hashlib.sha256(key).digest()[0] % TEST_BUCKETS == 0 else "train"
+
+
+def generate_problems(
+    n: int,
+    *,
+    seed: int = 0,
+    split: Split = "train",
+    min_operands: int = MIN_OPERANDS,
+    max_operands: int = MAX_OPERANDS,
+) -> List[PromptRecord]:
+    """``n`` distinct problems of ``split``; deterministic in (n, seed, split).
+
+    Operands are 0-9, ``min_operands``..``max_operands`` of them.  No multiset of operands appears
+    in both splits, so test problems are not reorderings of training problems.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not 2 <= min_operands <= max_operands:
+        raise ValueError("need 2 <= min_operands <= max_operands")
+    rng = random.Random(f"arith-{seed}-{split}")
+    seen = set()
+    records: List[PromptRecord] = []
+    attempts = 0
+    while len(records) < n:
+        attempts += 1
+        if attempts > 100 * n + 10_000:
+            raise ValueError(f"could not find {n} distinct {split} problems; ask for fewer")
+        count = rng.randint(min_operands, max_operands)
+        operands = tuple(rng.randint(0, MAX_OPERAND) for _ in range(count))
+        if operands in seen or _split_of(operands) != split:
+            continue
+        seen.add(operands)
+        records.append(
+            PromptRecord(
+                id=f"arith-{split}-{len(records)}",
+                problem=format_problem(operands),
+                answer=str(sum(operands)),
+                source=SOURCE,
+            )
+        )
+    return records
+
+
+def sample_solution(problem: Union[str, PromptRecord], rng: random.Random) -> str:
+    """A uniformly random valid path: each step adds an ordered pair of distinct remaining numbers."""
+    remaining = parse_problem(problem)
+    steps = []
+    while len(remaining) > 1:
+        i, j = rng.sample(range(len(remaining)), 2)
+        a, b = remaining[i], remaining[j]
+        remaining = [x for k, x in enumerate(remaining) if k not in (i, j)] + [a + b]
+        steps.append(f"{a}+{b}={a + b}")
+    return STEP_SEP.join(steps) + final_text(remaining[0])
+
+
+def _solution_steps(solution: str):
+    """The (a, b, s) steps of a solution in the task's exact format, or None."""
+    match = re.search(re.escape(FINAL_PREFIX) + r"(\d+)" + re.escape(FINAL_SUFFIX) + "$", solution)
+    if not match:
+        return None, None
+    body = solution[: match.start()]
+    parts = body.split(STEP_SEP)
+    steps = []
+    for part in parts:
+        step = _STEP_RE.fullmatch(part)
+        if not step or any(g != str(int(g)) for g in step.groups()):  # no leading zeros
+            return None, None
+        steps.append(tuple(int(g) for g in step.groups()))
+    return steps, int(match.group(1))
+
+
+def is_valid_solution(problem: Union[str, PromptRecord], solution: str) -> bool:
+    """Whether ``solution`` is one of the paths :func:`sample_solution` can produce, to the character."""
+    remaining = Counter(parse_problem(problem))
+    steps, boxed = _solution_steps(solution)
+    if steps is None or len(steps) != sum(remaining.values()) - 1:
+        return False
+    for a, b, s in steps:
+        remaining[a] -= 1
+        remaining[b] -= 1
+        if remaining[a] < 0 or remaining[b] < 0 or a + b != s:
+            return False
+        remaining[s] += 1
+    return +remaining == Counter([boxed])
+
+
+def _next_char_entropies(weights: Dict[str, float], chosen: str) -> List[float]:
+    """Entropy (nats) of the next character at each position of ``chosen``, under ``weights``.
+
+    ``weights`` maps every possible text of this segment to its probability; texts must be
+    prefix-free (each ends with a delimiter), so the next-character distribution is well defined.
+    """
+    out = []
+    for pos in range(len(chosen)):
+        prefix = chosen[:pos]
+        mass: Dict[str, float] = {}
+        for text, w in weights.items():
+            if text.startswith(prefix):
+                mass[text[pos]] = mass.get(text[pos], 0.0) + w
+        total = sum(mass.values())
+        out.append(-sum((m / total) * math.log(m / total) for m in mass.values() if m > 0))
+    return out
+
+
+def ideal_branch_entropies(problem: Union[str, PromptRecord], solution: str) -> List[float]:
+    """Per response token, the entropy (nats) of a perfectly trained teacher.
+
+    The ideal teacher is the distribution of :func:`sample_solution`: at each step the first operand
+    is a uniform pick among the remaining numbers and the second a uniform pick among the others;
+    everything else is determined.  Tokens are the solution's characters (the task tokenizer is
+    character level) plus the end-of-turn token, which is certain.
+    """
+    if not is_valid_solution(problem, solution):
+        raise ValueError(f"not a valid solution of {problem!r}: {solution!r}")
+    remaining = Counter(parse_problem(problem))
+    steps, boxed = _solution_steps(solution)
+    entropies: List[float] = []
+    for index, (a, b, s) in enumerate(steps):
+        count = sum(remaining.values())
+        first = {f"{v}+": c / count for v, c in remaining.items() if c}
+        entropies += _next_char_entropies(first, f"{a}+")
+        remaining[a] -= 1
+        second = {f"{v}=": c / (count - 1) for v, c in remaining.items() if c}
+        entropies += _next_char_entropies(second, f"{b}=")
+        remaining[b] -= 1
+        remaining[s] += 1
+        tail = str(s) + (STEP_SEP if index + 1 < len(steps) else "")
+        entropies += [0.0] * len(tail)
+    entropies += [0.0] * len(final_text(boxed))
+    entropies.append(0.0)  # end of turn
+    return entropies
+
+
+def ideal_high_entropy_fraction(
+    records: Sequence[Union[str, PromptRecord]], *, samples_per_problem: int = 4, tau: float = 0.8, seed: int = 0
+) -> float:
+    """Fraction of response tokens (over sampled paths) whose ideal teacher entropy exceeds ``tau``."""
+    rng = random.Random(seed)
+    high = total = 0
+    for record in records:
+        for _ in range(samples_per_problem):
+            ent = ideal_branch_entropies(record, sample_solution(record, rng))
+            high += sum(h > tau for h in ent)
+            total += len(ent)
+    return high / total
+
+
+# ---------------------------------------------------------------- tokenizer and models
+
+TASK_ALPHABET = [chr(c) for c in range(32, 127)] + ["\n"]
+TASK_SPECIALS = (ENDOFTEXT, IM_START, IM_END)
+TASK_PHRASES = (TRAIN_SUFFIX, EVAL_SUFFIX, EMPTY_THINK, "user\n", "assistant\n")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_task_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast``: printable ASCII and newline, the Qwen specials,
+    then a few whole-phrase tokens.
+
+    Characters outside that alphabet are dropped by the tokenizer; the task never produces them.
+    The phrases every prompt repeats (the instructions, the chat roles, the empty think block) are one
+    token each, as frequent text is in a real BPE vocabulary: prompts shrink from ~110 to ~35 tokens,
+    which more than halves the compute of every phase on CPU.  Problems and solutions stay character
+    level, so the branch points of a solution are single tokens.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(TASK_ALPHABET)}
+    # BPE without merges splits text into single characters; Fuse joins them back verbatim.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(list(TASK_SPECIALS))
+    core.add_tokens([AddedToken(p, normalized=False, special=False) for p in TASK_PHRASES])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=[IM_START],
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+ModelRole = Literal["teacher", "student"]
+
+# Teacher and student shapes of the tiny demo; head_dim 32 because vLLM's CPU attention needs it.
+# RoPE base 10,000 rather than Qwen3's 1e6: sequences are under 200 tokens, and the slow rotary
+# frequencies a long context needs would leave positions nearly indistinguishable (a teacher SFT'd
+# with 1e6 reached 0.36 nats/token where 1e4 reached 0.31 on the same budget).
+TASK_MODEL_SHAPES = {
+    "teacher": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                    ffn_hidden_size=384, tie_word_embeddings=False, rope_theta=10_000.0),
+    "student": dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                    ffn_hidden_size=192, tie_word_embeddings=True, rope_theta=10_000.0),
+}
+
+
+def make_task_model(out_dir: Union[str, Path], *, role: ModelRole, seed: int = 0,
+                    max_position_embeddings: int = 512) -> Path:
+    """Write a randomly initialised HF ``Qwen3ForCausalLM`` (fp32) with the task tokenizer; return the dir.
+
+    Untied embeddings for the teacher (like Qwen3-8B), tied for the student (like the small Qwen3s).
+    Generation stops at ``<|im_end|>`` or ``<|endoftext|>``.
+    """
+    from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
+
+    if role not in TASK_MODEL_SHAPES:
+        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    return make_tiny_qwen3(
+        out_dir,
+        seed=seed,
+        tokenizer=build_task_tokenizer(),
+        init_std=0.02,
+        perturb_norms=False,
+        eos_tokens=(IM_END, ENDOFTEXT),
+        max_position_embeddings=max_position_embeddings,
+        **TASK_MODEL_SHAPES[role],
+    )
+
+
+def task_records(split: Split = "train", *, n: Optional[int] = None, seed: int = 0) -> List[PromptRecord]:
+    """The records ``load_prompt_records("synthetic:arith")`` returns: 4096 train or 512 test problems."""
+    default = 4096 if split == "train" else 512
+    return generate_problems(default if n is None else n, seed=seed, split=split)

@@ -1,0 +1,220 @@
+"""The synthetic arithmetic task: problems, valid paths, the ideal teacher's entropies, tokenizer, models."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from itertools import permutations
+
+import pytest
+
+from megatron_eopd.data import qwen3_templates
+from megatron_eopd.data import synthetic as task
+
+
+def test_problems_are_deterministic_distinct_and_the_splits_disjoint():
+    train = task.generate_problems(3000, seed=0, split="train")
+    assert train == task.generate_problems(3000, seed=0, split="train")
+    assert train[:50] != task.generate_problems(50, seed=1, split="train")
+    test = task.generate_problems(400, seed=0, split="test")
+    assert len({r.problem for r in train}) == 3000 and len({r.id for r in train + test}) == 3400
+    # Disjoint up to reordering: no test problem is a permutation of a training problem.
+    train_sets = {tuple(sorted(task.parse_problem(r))) for r in train}
+    assert not train_sets & {tuple(sorted(task.parse_problem(r))) for r in test}
+    for record in train[:200] + test[:200]:
+        operands = task.parse_problem(record)
+        assert task.MIN_OPERANDS <= len(operands) <= task.MAX_OPERANDS
+        assert all(0 <= x <= 9 for x in operands) and record.answer == str(sum(operands))
+        assert task.format_problem(operands) == record.problem
+    assert task.format_problem([3, 5, 2, 7]) == "Add 3, 5, 2 and 7."
+
+
+def test_sampled_paths_are_valid_varied_and_end_in_the_boxed_answer():
+    record = task.generate_problems(1, seed=5)[0]
+    rng = random.Random(0)
+    paths = {task.sample_solution(record, rng) for _ in range(200)}
+    assert len(paths) > 20  # genuinely several paths
+    for path in paths:
+        assert task.is_valid_solution(record, path)
+        assert path.endswith(f"\\boxed{{{record.answer}}}") and len(path) < 70
+    lengths = [len(task.sample_solution(r, rng)) for r in task.generate_problems(300, seed=1)]
+    assert sum(lengths) / len(lengths) < 60
+
+
+@pytest.mark.parametrize(
+    "solution, valid",
+    [
+        ("3+5=8,8+2=10,10+7=17. \\boxed{17}", True),
+        ("2+7=9,3+5=8,8+9=17. \\boxed{17}", True),
+        ("7+2=9,9+5=14,3+14=17. \\boxed{17}", True),
+        ("3+5=8,8+2=10,10+7=18. \\boxed{18}", False),  # wrong sum
+        ("3+5=8,8+2=10,10+7=17. \\boxed{18}", False),  # box disagrees with the work
+        ("3+3=6,6+2=8,8+7=15. \\boxed{15}", False),  # uses 3 twice
+        ("3+5=8,8+2=10. \\boxed{10}", False),  # leaves 7 out
+        ("03+5=8,8+2=10,10+7=17. \\boxed{17}", False),  # leading zero
+        ("3+5=8, 8+2=10, 10+7=17. \\boxed{17}", False),  # not the task's format
+        ("3+5=8,8+2=10,10+7=17. \\boxed{17}.", False),
+    ],
+)
+def test_is_valid_solution(solution, valid):
+    assert task.is_valid_solution("Add 3, 5, 2 and 7.", solution) is valid
+
+
+def _brute_force_entropies(problem: str, solution: str):
+    """Entropies by enumerating every path of the sampler with its probability, then conditioning on text."""
+    paths = defaultdict(float)
+
+    def walk(remaining, steps, prob):
+        if len(remaining) == 1:
+            paths[",".join(steps) + f". \\boxed{{{remaining[0]}}}" + "\0"] += prob  # \0: end of turn
+            return
+        k = len(remaining)
+        for i, j in permutations(range(k), 2):
+            a, b = remaining[i], remaining[j]
+            rest = [x for n, x in enumerate(remaining) if n not in (i, j)] + [a + b]
+            walk(rest, steps + [f"{a}+{b}={a + b}"], prob / (k * (k - 1)))
+
+    walk(task.parse_problem(problem), [], 1.0)
+    assert math.isclose(sum(paths.values()), 1.0)
+    full = solution + "\0"
+    out = []
+    for t in range(len(full)):
+        mass = defaultdict(float)
+        for text, p in paths.items():
+            if text.startswith(full[:t]):
+                mass[text[t]] += p
+        z = sum(mass.values())
+        out.append(-sum(m / z * math.log(m / z) for m in mass.values()))
+    return out
+
+
+@pytest.mark.parametrize(
+    "operands",
+    [[3, 5, 2, 7], [1, 1, 2, 5], [4, 6, 2, 1, 9], [9, 3, 7, 1, 1], [0, 0, 0, 0, 0], [5, 5, 8, 4]],
+)
+def test_ideal_entropies_match_brute_force_enumeration(operands):
+    problem = task.format_problem(operands)
+    rng = random.Random(sum(operands))
+    for _ in range(6):
+        solution = task.sample_solution(problem, rng)
+        expected = _brute_force_entropies(problem, solution)
+        got = task.ideal_branch_entropies(problem, solution)
+        assert len(got) == len(solution) + 1
+        assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_branch_points_carry_ln_k_and_everything_else_is_certain():
+    problem = "Add 3, 5, 2 and 7."
+    ent = task.ideal_branch_entropies(problem, "3+5=8,8+2=10,10+7=17. \\boxed{17}")
+    high = {i: h for i, h in enumerate(ent) if h > 1e-12}
+    # First operand of 4, second of 3, then 3 and 2 remaining (8 and 2 differ in the first digit),
+    # then 10 vs 7 and 7 alone.
+    assert high == pytest.approx({0: math.log(4), 2: math.log(3), 6: math.log(3), 8: math.log(2), 13: math.log(2)})
+
+
+def test_ideal_high_entropy_fraction_is_in_the_target_band():
+    records = task.generate_problems(400, seed=0, split="train")
+    fraction = task.ideal_high_entropy_fraction(records, samples_per_problem=2, tau=0.8)
+    assert 0.10 <= fraction <= 0.30, fraction
+
+
+# ---------------------------------------------------------------- tokenizer and models
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return task.build_task_tokenizer()
+
+
+def test_tokenizer_is_character_level_with_qwen_specials_last(tokenizer):
+    assert len(tokenizer) == 96 + 3 + len(task.TASK_PHRASES)
+    specials = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
+    assert specials == [96, 97, 98]
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
+    ids = qwen3_templates.special_token_ids(tokenizer)
+    assert (ids.endoftext, ids.im_start, ids.im_end) == (96, 97, 98)
+    text = "3+5=8,8+2=10. \\boxed{10}"
+    assert tokenizer.encode(text, add_special_tokens=False) == [task.TASK_ALPHABET.index(c) for c in text]
+
+
+def test_tokenizer_round_trips_task_text_exactly(tokenizer):
+    rng = random.Random(0)
+    texts = ["  double  spaces , and ' quotes \" ~`{}\n\nnewlines\n", "".join(task.TASK_ALPHABET)]
+    for record in task.generate_problems(20, seed=2):
+        prompt = qwen3_templates.format_teacher_prompt(record.problem)
+        texts += [prompt, prompt + task.sample_solution(record, rng) + "<|im_end|>", record.problem]
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+
+
+def test_chat_template_matches_the_qwen3_prompt_format(tokenizer):
+    problem = "Add 1, 2, 3, 4 and 5."
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": qwen3_templates.user_message(problem)}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == qwen3_templates.format_prompt(problem)
+    ids = tokenizer.encode(rendered, add_special_tokens=False)
+    # The instruction and the roles are one token each; the problem stays character level.
+    assert len(ids) == 1 + 1 + len(problem) + 1 + 1 + 1 + 1 + 1 + 1
+    for phrase in task.TASK_PHRASES:
+        assert len(tokenizer.encode(phrase, add_special_tokens=False)) == 1, phrase
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_task_models_load_in_transformers(tmp_path, tokenizer, role):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = task.make_task_model(tmp_path / role, role=role, seed=1)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    shape = task.TASK_MODEL_SHAPES[role]
+    cfg = model.config
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim) == (
+        len(tokenizer), shape["hidden_size"], shape["num_layers"], 32)
+    assert cfg.tie_word_embeddings is shape["tie_word_embeddings"] and cfg.max_position_embeddings == 512
+    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert tied is shape["tie_word_embeddings"]
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.2)  # normal init scale
+    assert GenerationConfig.from_pretrained(path).eos_token_id == [98, 96]
+    loaded_tok = AutoTokenizer.from_pretrained(path)
+    text = qwen3_templates.format_prompt("Add 1, 2, 3, 4 and 5.")
+    ids = loaded_tok.encode(text, add_special_tokens=False)
+    assert ids == tokenizer.encode(text, add_special_tokens=False) and loaded_tok.decode(ids) == text
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), len(tokenizer)) and torch.isfinite(logits).all()
+    # Near-uniform at init: entropy close to ln(V) (a 0.2 init scale would be far from it).
+    probs = logits[0, -1].softmax(-1)
+    assert -(probs * probs.log()).sum().item() > 0.9 * math.log(len(tokenizer))
+    other = AutoModelForCausalLM.from_pretrained(task.make_task_model(tmp_path / "again", role=role, seed=1))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
+@pytest.mark.vllm
+def test_vllm_serves_a_task_model_with_the_hf_models_log_probs(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_eopd.rollout import (
+        RolloutConfig, SamplingSettings, create_rollout_engine, hf_sequence_logprobs, vllm_importable,
+    )
+
+    if not vllm_importable():
+        pytest.skip("vllm is not importable in this environment")
+    path = task.make_task_model(tmp_path / "student", role="student", seed=0)  # tied embeddings
+    tokenizer = task.build_task_tokenizer()
+    prompt = tokenizer.encode(qwen3_templates.format_prompt("Add 1, 2, 3, 4 and 5."), add_special_tokens=False)
+    config = RolloutConfig(engine="vllm", dtype="float32", enforce_eager=True, max_model_len=512,
+                           show_progress=False, sampling=SamplingSettings(max_tokens=64))
+    engine = create_rollout_engine(config, path)
+    try:
+        batch = engine.generate([prompt], SamplingSettings(n=2, max_tokens=12, seed=0))
+    finally:
+        engine.close()
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for sample in batch.results[0].samples:
+        assert sample.token_ids and all(0 <= t < len(task.build_task_tokenizer()) for t in sample.token_ids)
+        expected = hf_sequence_logprobs(hf_model, [prompt + sample.token_ids])[0][len(prompt) - 1 :]
+        assert torch.tensor(sample.logprobs) == pytest.approx(expected.float(), abs=2e-3)
