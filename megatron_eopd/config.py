@@ -80,8 +80,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", "nan"):
-            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-3" (no dot) and "inf" as strings; both are numbers to a user.
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

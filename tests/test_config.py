@@ -79,3 +79,11 @@ def test_override_cannot_descend_into_a_value():
 def test_bool_is_not_an_int():
     with pytest.raises(ConfigError, match="expected an integer"):
         from_dict(_Loss, {"topk": True})
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads 3e-3 as a string; users write learning rates that way on the command line.
+    cfg = build_config(_Run, None, ["loss.tau=3e-3"])
+    assert cfg.loss.tau == pytest.approx(0.003)
+    with pytest.raises(ConfigError, match="loss.tau: expected a number, got 'fast'"):
+        build_config(_Run, None, ["loss.tau=fast"])

@@ -1,0 +1,134 @@
+"""From rollouts to the token tensors the models read, and back from per-token results to responses.
+
+A sample is ``prompt + response``.  The model reads ``sequence[:-1]`` and predicts
+``sequence[1:]`` (the labels); position ``j`` is a response position when its label is a response
+token, so a response of R tokens after a prompt of P tokens covers positions ``P-1 .. P+R-2``.
+
+The student and the teacher read the same response behind their own prompts (the teacher's may
+carry Qwen3's empty think block) and the teacher sees its end-of-turn token where the student wrote
+``<|endoftext|>``.  Both views have the same response tokens in the same order, so a per-response-
+token quantity moves between them as the masked entries in row-major order (:func:`move_response_values`).
+
+Sequences are packed into micro-batches of ``micro_batch_size`` rows padded to one length per
+optimizer step (the pipeline schedule sizes its buffers once per call); rows added to fill the last
+micro-batch and padding positions carry a zero mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_eopd.models.forward import MicroBatch
+
+
+@dataclass
+class Sample:
+    """One response with everything the update needs (token ids are plain lists)."""
+
+    prompt_index: int  # index of its prompt in the iteration's batch
+    prompt_ids: list[int]  # the student's prompt
+    teacher_prompt_ids: list[int]  # the same problem as the teacher reads it
+    response_ids: list[int]
+    teacher_response_ids: list[int]  # the response as the teacher scores it (end-of-turn swapped)
+    rollout_logprobs: list[float]  # log q(y_t) the sampler reported
+    finish_reason: str
+    answer: str = ""
+    correct: Optional[bool] = None
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.response_ids)
+
+
+@dataclass
+class PackedView:
+    """One view (student or teacher) of a list of samples: ``[N, S]`` inputs, labels and response mask."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int,
+         length: Optional[int] = None, rows: Optional[int] = None, device=None) -> PackedView:
+    """Right-padded inputs/labels/mask of ``prompt + response`` sequences (see the module docstring)."""
+    n = len(prompts)
+    lengths = [len(p) + len(r) - 1 for p, r in zip(prompts, responses)]
+    length = max(lengths, default=1) if length is None else length
+    rows = n if rows is None else rows
+    if any(x > length for x in lengths) or rows < n:
+        raise ValueError(f"{n} sequences of up to {max(lengths)} positions do not fit [{rows}, {length}]")
+    tokens = torch.full((rows, length), pad_id, dtype=torch.long)
+    labels = torch.full((rows, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, length), dtype=torch.bool)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        sequence = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        tokens[i, : len(sequence) - 1] = sequence[:-1]
+        labels[i, : len(sequence) - 1] = sequence[1:]
+        mask[i, len(prompt) - 1 : len(sequence) - 1] = True
+    return PackedView(tokens.to(device), labels.to(device), mask.to(device))
+
+
+def move_response_values(values: torch.Tensor, source_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position ``values [N, S_src, ...]`` of one view placed at the other view's response positions.
+
+    Entries outside ``target_mask`` are zero.
+    """
+    picked = values[source_mask]
+    if picked.shape[0] != int(target_mask.sum()):
+        raise ValueError(f"{picked.shape[0]} response positions in the source view, {int(target_mask.sum())} in the target")
+    out = values.new_zeros(tuple(target_mask.shape) + tuple(values.shape[source_mask.dim():]))
+    out[target_mask] = picked
+    return out
+
+
+@dataclass
+class StepBatch:
+    """The micro-batches of one optimizer step, in both views, padded to one shape per view."""
+
+    student: list[MicroBatch]
+    teacher: list[MicroBatch]
+    samples: list[Sample]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(s.num_response_tokens for s in self.samples)
+
+
+def _views(samples: Sequence[Sample], micro_batch_size: int, pad_id: int, device, *, teacher: bool) -> list[MicroBatch]:
+    prompts = [s.teacher_prompt_ids if teacher else s.prompt_ids for s in samples]
+    responses = [s.teacher_response_ids if teacher else s.response_ids for s in samples]
+    length = max(len(p) + len(r) - 1 for p, r in zip(prompts, responses))
+    out = []
+    for start in range(0, len(samples), micro_batch_size):
+        view = pack(prompts[start : start + micro_batch_size], responses[start : start + micro_batch_size],
+                    pad_id=pad_id, length=length, rows=micro_batch_size, device=device)
+        out.append(MicroBatch.from_tokens(view.tokens, labels=view.labels, mask=view.mask,
+                                          samples=list(range(start, min(start + micro_batch_size, len(samples))))))
+    return out
+
+
+def step_batches(samples: Sequence[Sample], *, mini_batch_size: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, pad_id: int, device) -> list[StepBatch]:
+    """This data-parallel rank's share of every mini-batch, as micro-batches in both views.
+
+    Mini-batch ``m`` is ``samples[m*mini : (m+1)*mini]``; rank ``r`` of ``dp_size`` takes the
+    contiguous slice ``r`` of it, so the union over ranks is the whole mini-batch.
+    """
+    per_rank = mini_batch_size // dp_size
+    steps = []
+    for start in range(0, len(samples), mini_batch_size):
+        mine = list(samples[start + dp_rank * per_rank : start + (dp_rank + 1) * per_rank])
+        steps.append(StepBatch(
+            student=_views(mine, micro_batch_size, pad_id, device, teacher=False),
+            teacher=_views(mine, micro_batch_size, pad_id, device, teacher=True),
+            samples=mine,
+        ))
+    return steps

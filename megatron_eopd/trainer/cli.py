@@ -1,0 +1,70 @@
+"""``tools/train_eopd.py``: train, resume, or dry-run a configuration."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import yaml
+
+from megatron_eopd.config import ConfigError, to_dict
+
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3  # a loss term, gradient or teacher statistic went NaN/Inf; the weights were not updated
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_eopd",
+        description="Entropy-aware on-policy distillation (or SFT) of a Qwen3 student on Megatron-Core.",
+        epilog="Runs as one process or under torchrun (one rank per GPU); a run directory that holds a checkpoint "
+        "is resumed automatically. Exit status 2 on bad input, before anything starts; 3 when a run stops "
+        "on a non-finite loss term, gradient or teacher statistic (the message names the iteration and "
+        "the term).",
+    )
+    p.add_argument("--config", required=True, help="preset name (e.g. eopd_qwen3_4b, tiny_cpu) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. loss.tau=1.0")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the parallel layout for --world-size ranks, then exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="world size for --dry-run (default: $WORLD_SIZE or 1)")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint in run.dir and continue from it")
+    return p
+
+
+def _bad_input_types():
+    from megatron_eopd.data import DataError
+    from megatron_eopd.models.qwen3 import IncompatibleModelsError, UnsupportedArchitectureError
+    from megatron_eopd.trainer.state import CheckpointError
+
+    return ConfigError, DataError, IncompatibleModelsError, UnsupportedArchitectureError, CheckpointError
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_eopd.trainer.config import load_train_config, plan_layout
+    from megatron_eopd.trainer.student import NonFiniteError
+
+    args = parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        config = load_train_config(args.config, args.overrides)
+        if args.dry_run:
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            layout = plan_layout(config, world)
+            print("# resolved config")
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            print("# parallel layout")
+            print(yaml.safe_dump(layout.describe(), sort_keys=False), end="")
+            return 0
+        from megatron_eopd.trainer.loop import train
+
+        train(config, resume=args.resume)
+    except _bad_input_types() as exc:
+        print(f"train_eopd: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except NonFiniteError as exc:  # every rank raises together; the last checkpoint is the one to resume from
+        print(f"train_eopd: stopped{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_NON_FINITE
+    return 0

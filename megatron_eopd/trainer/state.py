@@ -1,0 +1,182 @@
+"""Run state and checkpoints: save atomically, keep the last K, resume exactly.
+
+A checkpoint is a directory ``checkpoints/iter_NNNNNNN`` that is also a megatron-eopd model
+checkpoint (``tools/convert_mcore_to_hf.py`` and ``student.checkpoint`` read it)::
+
+    release/             Megatron torch_dist: the student's sharded weights and optimizer state
+    eopd_checkpoint.json model metadata;  hf/  the student's config and tokenizer files
+    trainer_state.json   iteration, learning-rate schedule, prompt-stream position, config
+    rng/rank_R.pt        every RNG of rank R (Python, NumPy, torch, CUDA, Megatron's tracker)
+
+Writing goes to ``checkpoints/.tmp-iter_NNNNNNN`` and is renamed when every rank is done; the
+``latest`` pointer is replaced last (write + rename).  A process killed at any moment leaves
+``latest`` naming a complete checkpoint; left-over temporary directories are removed on start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_eopd.checkpoint.hf_writer import copy_side_files
+from megatron_eopd.checkpoint.mcore_dist import HF_SUBDIR, RELEASE, dtype_name, write_checkpoint_meta
+from megatron_eopd.models.chunks import unwrap_model
+from megatron_eopd.models.qwen3.architecture import DEFAULT_VOCAB_DIVISOR
+
+LATEST = "latest"
+STATE_NAME = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit this run."""
+
+
+@dataclass
+class RunState:
+    """What besides weights and optimizer a resumed run needs."""
+
+    iteration: int = 0
+    data: Optional[dict] = None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The checkpoint ``root/latest`` names, or None when there is none yet."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / STATE_NAME).is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def clean_partial_writes(root: Path) -> None:
+    """Remove temporary directories of writes that were interrupted (rank 0)."""
+    if _rank() == 0 and Path(root).is_dir():
+        for leftover in Path(root).glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    _barrier()
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_state(opt, *, loading: bool) -> dict:
+    model_state = unwrap_model(opt.chunks[0]).sharded_state_dict()
+    return {"model": model_state, "optimizer": opt.optimizer.sharded_state_dict(model_state, is_loading=loading)}
+
+
+def save_checkpoint(root: Path, opt, state: RunState, *, config: dict, student_hf_dir: Path, keep_last: int) -> Path:
+    """Collective: write iteration ``state.iteration`` under ``root``; returns the final directory."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    root = Path(root)
+    name = checkpoint_name(state.iteration)
+    tmp, final = root / f".tmp-{name}", root / name
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / RELEASE).mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    _barrier()
+    dist_checkpointing.save(_sharded_state(opt, loading=False), str(tmp / RELEASE))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        model = unwrap_model(opt.chunks[0])
+        write_checkpoint_meta(
+            tmp, tp=parallel_state.get_tensor_model_parallel_world_size(),
+            pp=parallel_state.get_pipeline_model_parallel_world_size(),
+            dtype=dtype_name(next(model.parameters()).dtype), padded_vocab=model.eopd_padded_vocab,
+            vocab_divisor=DEFAULT_VOCAB_DIVISOR, layer_spec=model.eopd_layer_spec, source=str(student_hf_dir),
+        )
+        (tmp / HF_SUBDIR).mkdir()
+        shutil.copy2(Path(student_hf_dir) / "config.json", tmp / HF_SUBDIR / "config.json")
+        copy_side_files(Path(student_hf_dir), tmp / HF_SUBDIR)
+        trainer_state = {
+            "iteration": state.iteration,
+            "data": state.data,
+            "scheduler": opt.scheduler.state_dict(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "config": config,
+        }
+        (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(name + "\n")
+        os.replace(pointer, root / LATEST)  # the last step: `latest` now names a complete checkpoint
+        kept = sorted(p for p in root.glob("iter_*") if p.is_dir())
+        for old in kept[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: Path, opt) -> RunState:
+    """Collective: restore weights, optimizer, schedule and this rank's RNGs from ``path``."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    try:
+        trainer_state = json.loads((path / STATE_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path / STATE_NAME}: {exc}") from exc
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rng_file = path / "rng" / f"rank_{_rank()}.pt"
+    if trainer_state.get("world_size") != world or not rng_file.is_file():
+        raise CheckpointError(
+            f"{path} was written by {trainer_state.get('world_size')} ranks and this run has {world}: an exact "
+            "resume needs the same world size (to continue elsewhere, start a new run with "
+            f"student.checkpoint={path})"
+        )
+    loaded = dist_checkpointing.load(_sharded_state(opt, loading=True), str(path / RELEASE))
+    unwrap_model(opt.chunks[0]).load_state_dict(loaded["model"])
+    opt.optimizer.load_state_dict(loaded["optimizer"])
+    opt.scheduler.load_state_dict(trainer_state["scheduler"])
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return RunState(iteration=int(trainer_state["iteration"]), data=trainer_state.get("data"))

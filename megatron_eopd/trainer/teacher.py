@@ -1,0 +1,68 @@
+"""Teacher scoring: a forward-only pass of the Megatron teacher over the teacher's view of each step.
+
+The teacher is a plain ``GPTModel`` (no optimizer, no DDP wrapper, no gradient buffers) in the same
+tensor/pipeline groups as the student.  On the last pipeline stage its vocab-sharded logits become
+the compact per-token statistics of :func:`~megatron_eopd.objective.compute_teacher_stats` (entropy,
+log-prob of the response token, top-k) right away, exactly over the full vocabulary with a few
+per-token collectives; the logits are dropped unless the loss needs them (``fkl_mode=full`` or
+``rkl_mode=analytic``).  Results are placed at the student view's response positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from megatron_eopd.models.forward import MicroBatch, run_micro_batches
+from megatron_eopd.objective import EOPDLossConfig, TeacherTokenStats, compute_teacher_stats
+from megatron_eopd.trainer.batch import StepBatch, move_response_values
+
+
+@dataclass
+class TeacherOutputs:
+    """Per student micro-batch (last pipeline stage only): statistics on its flattened positions."""
+
+    stats: TeacherTokenStats
+    logits: Optional[torch.Tensor] = None  # [b * s, V/TP] in the student layout, when the loss needs them
+
+
+def _to_student_layout(stats: TeacherTokenStats, teacher_mb: MicroBatch, student_mb: MicroBatch) -> TeacherTokenStats:
+    source, target = teacher_mb.extras["mask"], student_mb.extras["mask"]
+    shape = tuple(source.shape)
+
+    def move(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if x is None:
+            return None
+        placed = move_response_values(x.reshape(shape + tuple(x.shape[1:])), source, target)
+        return placed.reshape((-1,) + tuple(x.shape[1:]))
+
+    return TeacherTokenStats(move(stats.entropy), move(stats.sampled_logprob), move(stats.topk_ids),
+                             move(stats.topk_logprobs), move(stats.log_z), stats.temperature)
+
+
+@torch.no_grad()
+def score_teacher(teacher_chunks: Any, step: StepBatch, loss: EOPDLossConfig, *, tp_group: Any,
+                  true_vocab_size: int) -> list[TeacherOutputs]:
+    """Teacher statistics for every student micro-batch of ``step`` (empty on non-last stages)."""
+    topk = loss.topk if loss.fkl_mode == "topk" or loss.fkl_mode == "off" else 0
+
+    def on_logits(logits: torch.Tensor, teacher_mb: MicroBatch) -> TeacherOutputs:
+        index = teacher_mb.extras["index"]
+        student_mb = step.student[index]
+        shard = logits.reshape(-1, logits.shape[-1])
+        stats = compute_teacher_stats(
+            shard, teacher_mb.extras["labels"].reshape(-1), tp_group, topk=topk,
+            response_mask=teacher_mb.extras["mask"].reshape(-1), true_vocab_size=true_vocab_size,
+            temperature=loss.teacher_temperature, chunk_tokens=loss.chunk_tokens,
+        )
+        kept = None
+        if loss.needs_teacher_logits:
+            vocab = logits.shape[-1]
+            kept = move_response_values(logits, teacher_mb.extras["mask"], student_mb.extras["mask"]).reshape(-1, vocab)
+        return TeacherOutputs(_to_student_layout(stats, teacher_mb, student_mb), kept)
+
+    for index, mb in enumerate(step.teacher):
+        mb.extras["index"] = index
+    return run_micro_batches(teacher_chunks, step.teacher, on_logits, forward_only=True)

@@ -1,0 +1,255 @@
+"""The training CLI end to end, as real processes on CPU (gloo, fp32, the in-process HF sampler).
+
+- Layouts agree: two iterations at TP=1, TP=2 and PP=2 (torchrun, 2 ranks) log the same samples
+  and the same losses and gradient norms up to fp32 rounding.
+- A SIGKILL at any moment loses nothing: killed inside an iteration, or while a checkpoint is being
+  written, the run resumes (automatically, or with ``--resume``) and its metrics equal an
+  uninterrupted run's exactly.
+
+Every run uses a small budget (8 prompts, 2 optimizer steps and at most 24 sampled tokens per
+iteration) on random-weight task models made once for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "tools" / "train_eopd.py")
+
+BUDGET = [
+    "rollout.engine=hf", "train.seed=1", "train.prompts_per_iteration=8", "train.mini_batch_size=4",
+    "train.micro_batch_size=2", "rollout.sampling.max_tokens=24", "logging.tensorboard=false",
+    "logging.progress=false", "checkpoint.export_final_hf=false",
+]
+# Keys that measure the machine, not the computation.
+NOT_DETERMINISTIC = ("tokens_per_second", "peak_memory_bytes")
+# What only the samples determine: equal when the layouts sampled the same tokens.
+FROM_SAMPLES = ("num_response_tokens", "response_length", "truncated_fraction", "rollout_accuracy",
+                "prompts_skipped_too_long", "lr")
+# Compared across layouts within fp32 rounding.
+NUMERIC = ("loss", "loss_rkl", "loss_fkl", "grad_norm", "teacher_entropy", "student_entropy", "gate_fraction")
+# Across layouts the same math runs with other reduction orders (vocab shards reduced over TP,
+# micro-batches through the pipeline schedule).  The terms are means of per-token log-probabilities
+# of a few nats computed in fp32 (eps 1.2e-7): a few ulps each is ~1e-6 absolute, and after an
+# optimizer step the weights carry that difference into iteration 2.  Observed: <= 5e-8 absolute.
+RTOL, ATOL = 1e-5, 1e-6
+POLL_SECONDS = 0.005
+RUN_TIMEOUT = 300
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "GROUP_RANK", "ROLE_RANK") and not k.startswith("TORCHELASTIC")}
+    # One thread per process: two ranks share the two cores without oversubscription (torchrun's default).
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _command(models: dict, run_dir: Path, *overrides: str, ranks: int = 1, resume: bool = False) -> list[str]:
+    launcher = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    return [*launcher, TRAIN, "--config", "tiny_cpu", *(["--resume"] if resume else []),
+            f"run.dir={run_dir}", f"student.hf_dir={models['student']}",
+            f"teacher.hf_dir={models['teacher']}",
+            *BUDGET, *overrides]
+
+
+def _run(command: list[str]) -> None:
+    proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, f"{' '.join(command)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being appended while we read
+                break
+    return rows
+
+
+def _latest(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / "checkpoints" / "latest").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _deterministic(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("time_") and k not in NOT_DETERMINISTIC}
+
+
+def _start_and_kill_when(command: list[str], log: Path, condition) -> subprocess.Popen:
+    """Start ``command`` in its own process group and SIGKILL the group as soon as ``condition()``."""
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if condition():
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(POLL_SECONDS)
+    finally:
+        if proc.poll() is None and time.monotonic() >= deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    return proc
+
+
+def _assert_equal_to_reference(rows: list[dict], reference: list[dict]) -> None:
+    assert [r["iteration"] for r in rows] == [r["iteration"] for r in reference]
+    for got, want in zip(rows, reference):
+        got, want = _deterministic(got), _deterministic(want)
+        differing = {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
+        assert not differing, f"iteration {want['iteration']}: resumed != uninterrupted: {differing}"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """The task's teacher (4 heads, 2 KV heads) and a student with 2 heads and 2 KV heads.
+
+    The task's own student has 1 KV head, which TP=2 cannot split (see the refusal test below).
+    """
+    from transformers import AutoConfig
+
+    from megatron_eopd.data.qwen3_templates import ENDOFTEXT, IM_END
+    from megatron_eopd.data.synthetic import TASK_MODEL_SHAPES, build_task_tokenizer, make_task_model
+    from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
+
+    root = tmp_path_factory.mktemp("trainer_models")
+    teacher = make_task_model(root / "teacher", role="teacher", seed=11)
+    student = make_tiny_qwen3(
+        root / "student", seed=12, tokenizer=build_task_tokenizer(), init_std=0.02, perturb_norms=False,
+        eos_tokens=(IM_END, ENDOFTEXT), max_position_embeddings=512,
+        **dict(TASK_MODEL_SHAPES["student"], num_kv_heads=2),
+    )
+    for path in (teacher, student):
+        cfg = AutoConfig.from_pretrained(path)
+        assert cfg.num_attention_heads % 2 == 0 and cfg.num_key_value_heads % 2 == 0, path
+        assert cfg.num_hidden_layers % 2 == 0 and cfg.intermediate_size % 2 == 0, path
+    return {"teacher": teacher, "student": student, "root": root}
+
+
+@pytest.fixture(scope="module")
+def golden_tp1(models, tmp_path_factory) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("golden") / "tp1"
+    _run(_command(models, run_dir, "train.iterations=2"))
+    rows = _rows(run_dir)
+    assert [r["iteration"] for r in rows] == [1, 2]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reference(models, tmp_path_factory) -> list[dict]:
+    """Four uninterrupted iterations, a checkpoint after each: what every resumed run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    _run(_command(models, run_dir, "train.iterations=4", "checkpoint.save_interval=1"))
+    rows = _rows(run_dir)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert _latest(run_dir) == "iter_0000004"
+    return rows
+
+
+def test_task_student_cannot_split_its_single_kv_head(models, tmp_path):
+    """Why the module builds its own student: the task's has 1 KV head, refused at TP=2 up front."""
+    from megatron_eopd.config import ConfigError
+    from megatron_eopd.data.synthetic import make_task_model
+    from megatron_eopd.trainer.config import load_train_config, plan_layout
+
+    student = make_task_model(tmp_path / "task_student", role="student", seed=12)
+    config = load_train_config("tiny_cpu", [f"student.hf_dir={student}",
+                                            f"teacher.hf_dir={models['teacher']}", "parallel.tensor=2"])
+    with pytest.raises(ConfigError, match="TP=2 does not divide num_key_value_heads=1"):
+        plan_layout(config, 2)
+
+
+@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2"])
+def test_two_rank_layouts_match_one_process(models, golden_tp1, layout, tmp_path):
+    run_dir = tmp_path / "run"
+    _run(_command(models, run_dir, "train.iterations=2", layout, ranks=2))
+    meta = json.loads((run_dir / "checkpoints" / "iter_0000002" / "eopd_checkpoint.json").read_text())
+    key = "tensor_model_parallel_size" if "tensor" in layout else "pipeline_model_parallel_size"
+    assert meta[key] == 2
+    rows = _rows(run_dir)
+    assert [r["iteration"] for r in rows] == [1, 2]
+    for got, want in zip(rows, golden_tp1):
+        # One engine on rank 0 samples with per-iteration seeds: the same tokens in every layout.
+        assert {k: got[k] for k in FROM_SAMPLES} == {k: want[k] for k in FROM_SAMPLES}, got["iteration"]
+        for key in NUMERIC:
+            assert math.isclose(got[key], want[key], rel_tol=RTOL, abs_tol=ATOL), (
+                f"iteration {got['iteration']} {key}: {layout} {got[key]!r} vs TP=1 {want[key]!r}")
+
+
+def test_sigkill_inside_an_iteration_then_auto_resume_is_exact(models, reference, tmp_path):
+    """Killed while iteration 3 computes (checkpoint 2 complete); the same command again resumes from it."""
+    run_dir = tmp_path / "run"
+    command = _command(models, run_dir, "train.iterations=4", "checkpoint.save_interval=1")
+
+    def iteration_2_logged_and_saved() -> bool:
+        return any(r["iteration"] >= 2 for r in _rows(run_dir)) and _latest(run_dir) == "iter_0000002"
+
+    killed = _start_and_kill_when(command, tmp_path / "killed.log", iteration_2_logged_and_saved)
+    assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert _latest(run_dir) == "iter_0000002"
+    assert [r["iteration"] for r in _rows(run_dir)][:2] == [1, 2]
+
+    _run(command)  # no --resume: a run directory holding a checkpoint is resumed automatically
+    _assert_equal_to_reference(_rows(run_dir), reference)
+    assert _latest(run_dir) == "iter_0000004"
+
+
+def test_sigkill_while_a_checkpoint_is_written_then_resume_is_exact(models, reference, tmp_path):
+    """Killed while ``checkpoints/.tmp-iter_N`` (N >= 2) is being written; ``--resume`` continues from N-1.
+
+    A checkpoint write takes ~150 ms here (Megatron's torch_dist save), ~30 polls: it is caught
+    every time in practice.  Should a fast machine finish a write between two polls, the attempt
+    is repeated in a fresh run directory (the write itself is not slowed down or changed).
+    """
+    for attempt in range(3):
+        run_dir = tmp_path / f"run{attempt}"
+        checkpoints = run_dir / "checkpoints"
+        command = _command(models, run_dir, "train.iterations=4", "checkpoint.save_interval=1")
+        caught: list[Path] = []
+
+        def writing_checkpoint_2_or_later() -> bool:
+            caught[:] = [p for p in checkpoints.glob(".tmp-iter_*") if int(p.name.rsplit("_", 1)[1]) >= 2]
+            return bool(caught)
+
+        log = tmp_path / f"killed{attempt}.log"
+        killed = _start_and_kill_when(command, log, writing_checkpoint_2_or_later)
+        if killed.returncode == -signal.SIGKILL:
+            break
+        assert killed.returncode == 0, log.read_text()[-3000:]
+    else:
+        pytest.fail("three runs finished without a checkpoint write being caught in progress")
+
+    # The interrupted write is left behind; `latest` still names the previous, complete checkpoint.
+    from megatron_eopd.trainer.state import STATE_NAME, latest_checkpoint
+
+    interrupted = int(caught[0].name.rsplit("_", 1)[1])
+    assert caught[0].is_dir()
+    last_good = latest_checkpoint(checkpoints)
+    assert last_good is not None and last_good.name == f"iter_{interrupted - 1:07d}"
+    assert json.loads((last_good / STATE_NAME).read_text())["iteration"] == interrupted - 1
+    assert (last_good / "release" / "metadata.json").is_file() and (last_good / "rng" / "rank_0.pt").is_file()
+
+    _run(_command(models, run_dir, "train.iterations=4", "checkpoint.save_interval=1", resume=True))
+    _assert_equal_to_reference(_rows(run_dir), reference)
+    assert _latest(run_dir) == "iter_0000004"
+    assert not list(checkpoints.glob(".tmp-*")), "the interrupted write was not cleaned up"
