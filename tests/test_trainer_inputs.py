@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -142,9 +143,14 @@ def cli_runs(models, tmp_path_factory):
     where = tmp_path_factory.mktemp("real_run")
     jobs["real run: eopd_qwen3_0.6b"] = (["--config", "eopd_qwen3_0.6b"], where, where / "runs")
 
+    # A stray LOCAL_WORLD_SIZE (a process that ran vLLM in-process keeps one) must not change the plan a
+    # dry run makes for another launch: CI once failed every preset's dry run on exactly that.
+    env = {**os.environ, "LOCAL_WORLD_SIZE": "1"}
+    env.pop("WORLD_SIZE", None)
+
     def launch(args, cwd):
         return subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, env=env)
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(launch, args, cwd) for name, (args, cwd, _) in jobs.items()}

@@ -248,6 +248,20 @@ def test_engine_host_ranks_refuses_impossible_placements(world, per_node, engine
         engine_host_ranks(world, per_node, engines, tp)
 
 
+def test_ranks_per_node_trusts_local_world_size_only_inside_that_launch(monkeypatch):
+    from megatron_eopd.platform import launch_ranks_per_node
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # left behind by vLLM's in-process workers, say
+    assert launch_ranks_per_node(8, 8) == 8  # a dry run planning another launch
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert launch_ranks_per_node(16, 8) == 4  # torchrun's word inside the launch
+    assert launch_ranks_per_node(8, 8) == 8  # not this launch
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert launch_ranks_per_node(16, 8) == 8
+
+
 @pytest.mark.parametrize("n,shards,expected", [
     (7, 2, [(0, 4), (4, 7)]),
     (8, 2, [(0, 4), (4, 8)]),

@@ -56,6 +56,19 @@ def launch_world_size() -> int:
     return _rank_env()[1]
 
 
+def launch_ranks_per_node(world_size: int, default: int) -> int:
+    """Ranks per node of a launch of ``world_size`` ranks: torchrun's ``LOCAL_WORLD_SIZE`` when this
+    process is inside that launch, else ``default`` (``parallel.gpus_per_node``).
+
+    A dry run plans a launch it is not part of, and a process may carry a stray ``LOCAL_WORLD_SIZE``
+    (libraries that start their own workers set it), so the variable counts only when ``WORLD_SIZE``
+    says this process belongs to a launch of exactly ``world_size`` ranks.
+    """
+    if "LOCAL_WORLD_SIZE" in os.environ and os.environ.get("WORLD_SIZE") == str(world_size):
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    return default
+
+
 def resolve_device(requested: str = "auto") -> torch.device:
     if requested not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {requested!r}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Optional
@@ -18,6 +17,7 @@ from typing import Iterable, Literal, Optional
 from megatron_eopd.config import ConfigError, build_config
 from megatron_eopd.models.qwen3 import QWEN3_PRESETS, Qwen3Arch, padded_vocab_size, parse_hf_config, validate_parallelism
 from megatron_eopd.objective import EOPDLossConfig
+from megatron_eopd.platform import launch_ranks_per_node
 from megatron_eopd.rollout import RolloutConfig
 from megatron_eopd.trainer.rollouts import engine_host_ranks
 
@@ -315,9 +315,10 @@ def plan_layout(config: EOPDTrainConfig, world_size: int, *, num_prompts: Option
     nodes = max(1, math.ceil(world_size / config.parallel.gpus_per_node))
     engines = 0
     if config.train.mode == "eopd":
-        # The fleet's own placement (torchrun's LOCAL_WORLD_SIZE wins over parallel.gpus_per_node, as
-        # there), so a layout the engines cannot take fails here and not after the models are built.
-        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", config.parallel.gpus_per_node))
+        # The fleet's own placement (inside a torchrun launch its LOCAL_WORLD_SIZE wins over
+        # parallel.gpus_per_node, as there), so a layout the engines cannot take fails here and not
+        # after the models are built.
+        ranks_per_node = launch_ranks_per_node(world_size, config.parallel.gpus_per_node)
         try:
             engines = len(engine_host_ranks(world_size, ranks_per_node, config.rollout.engines_per_node,
                                             config.rollout.tensor_parallel_size))

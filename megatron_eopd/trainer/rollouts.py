@@ -11,12 +11,12 @@ engines sleep while the models train.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch.distributed as dist
 
+from megatron_eopd.platform import launch_ranks_per_node
 from megatron_eopd.rollout import RolloutConfig, RolloutEngine, RolloutResult, SamplingSettings, WeightSyncer
 from megatron_eopd.rollout import SyncReport, create_rollout_engine
 
@@ -55,7 +55,7 @@ class RolloutFleet:
     def __init__(self, config: RolloutConfig, model_dir: Path, *, ranks_per_node: int):
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ranks_per_node))
+        ranks_per_node = launch_ranks_per_node(world, ranks_per_node)
         self.hosts = engine_host_ranks(world, ranks_per_node, config.engines_per_node, config.tensor_parallel_size)
         self.config = config
         self.engine: Optional[RolloutEngine] = (
