@@ -102,6 +102,8 @@ class TinyRun:
             (f"student Pass@{EVAL_SAMPLES}, before -> after", f"{before['pass_at_k']:.3f} -> {after['pass_at_k']:.3f}"),
             ("rollout accuracy, first -> last iteration",
              f"{first.get('rollout_accuracy', 0):.3f} -> {last.get('rollout_accuracy', 0):.3f}"),
+            ("reverse KL to the teacher (nats/token), first -> last",
+             f"{first.get('rkl_estimate', 0):.3f} -> {last.get('rkl_estimate', 0):.3f}"),
             ("student entropy (nats), first -> last",
              f"{first.get('student_entropy', 0):.3f} -> {last.get('student_entropy', 0):.3f}"),
             ("teacher entropy (nats), first -> last",
