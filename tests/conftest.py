@@ -28,3 +28,20 @@ def pytest_collection_finish(session):
 @pytest.fixture(scope="session")
 def multirank_results(tmp_path_factory):
     return MultirankResults(list(_selected_specs), tmp_path_factory.mktemp("multirank"))
+
+
+@pytest.fixture
+def model_parallel():
+    """A lone process's (gloo) group with Megatron's TP=1/PP=1 state, torn down as it was found."""
+    import torch.distributed as dist
+
+    from megatron_eopd.platform import distributed as platform_dist
+
+    started = not dist.is_initialized()
+    platform_dist.init_distributed()
+    platform_dist.init_model_parallel(1, 1)
+    yield
+    if started:
+        platform_dist.shutdown()
+    else:
+        platform_dist.destroy_model_parallel()

@@ -31,18 +31,6 @@ LOGITS_ATOL = 1e-4
 GRAD_RTOL, GRAD_ATOL_FRACTION = 1e-4, 1e-5  # atol relative to the reference gradient's max |g|
 
 
-@pytest.fixture
-def model_parallel():
-    started = not dist.is_initialized()
-    platform_dist.init_distributed()
-    platform_dist.init_model_parallel(1, 1)
-    yield
-    if started:
-        platform_dist.shutdown()
-    else:
-        platform_dist.destroy_model_parallel()
-
-
 def _config(heads: int, groups: int, head_dim: int = 16, **overrides):
     from megatron_eopd.platform import mcore_compat
 

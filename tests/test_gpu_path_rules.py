@@ -118,18 +118,6 @@ def test_each_flag_follows_its_own_probe(monkeypatch, missing):
 # --------------------------------------------------------------------------- placement
 
 
-@pytest.fixture
-def model_parallel():
-    started = not dist.is_initialized()
-    platform_dist.init_distributed()
-    platform_dist.init_model_parallel(1, 1)
-    yield
-    if started:
-        platform_dist.shutdown()
-    else:
-        platform_dist.destroy_model_parallel()
-
-
 def _placement(model) -> set:
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     assert len(tensors) >= 17
