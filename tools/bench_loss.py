@@ -14,9 +14,13 @@ the start.  Time: median wall time over --repeats runs (interleaved), forward + 
 --threads intra-op threads on CPU (default 1).
 On CUDA the table also gives the HBM floor: bytes of both logit tensors read once divided by the
 peak bandwidth, and how far above it the measured time is.
+``--kernels`` picks the vocab-parallel implementation (``EOPD_LOSS_KERNELS``): the default "auto"
+gives one "vocab-parallel" row (Triton on CUDA, torch on CPU); a list such as "torch,triton" gives
+one row per choice, each compared with the naive one.
 
     python tools/bench_loss.py                         # Qwen3 vocabulary, 256/1024/2048 tokens
     python tools/bench_loss.py --tokens 4096 --device cuda
+    python tools/bench_loss.py --tokens 16384 --device cuda --kernels torch,triton
     python tools/bench_loss.py --quick                 # seconds; used by the test suite
 """
 
@@ -36,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eopd.objective import EOPDLossConfig, compute_teacher_stats, eopd_loss  # noqa: E402
+from megatron_eopd.objective import vocab_parallel  # noqa: E402
 
 QWEN3_VOCAB = 151_936
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -79,6 +84,32 @@ def vocab_parallel_step(student, teacher, sampled, mask, old, cfg):
     loss, _ = eopd_loss(student, sampled, mask, stats, old_logprobs=old, config=cfg)
     loss.backward()
     return loss.detach()
+
+
+def with_kernels(step, kernels):
+    """``step`` with ``EOPD_LOSS_KERNELS`` set to ``kernels`` while it runs."""
+
+    def run(*args):
+        saved = os.environ.get(vocab_parallel.KERNELS_ENV)
+        os.environ[vocab_parallel.KERNELS_ENV] = kernels
+        try:
+            return step(*args)
+        finally:
+            if saved is None:
+                del os.environ[vocab_parallel.KERNELS_ENV]
+            else:
+                os.environ[vocab_parallel.KERNELS_ENV] = saved
+
+    return run
+
+
+def implementations(kernels):
+    """Name -> step: the naive one, then vocab-parallel once per ``--kernels`` choice."""
+    impls = {"naive": naive_step}
+    for choice in kernels:
+        name = "vocab-parallel" if kernels == ["auto"] else f"vocab-parallel ({choice})"
+        impls[name] = with_kernels(vocab_parallel_step, choice)
+    return impls
 
 
 def naive_step(student, teacher, sampled, mask, old, cfg):
@@ -182,10 +213,9 @@ def _measure(name, step, inputs, cfg, device, repeats, warm_up):
         release(inputs, device)
 
 
-def _gradient_difference(impls, inputs, cfg, device):
-    """Max |grad difference| between the two implementations (one reference gradient kept), or None
+def _gradient_difference(steps, inputs, cfg, device):
+    """Max |grad difference| between two implementations (one reference gradient kept), or None
     when the pair does not fit; run after the measurements so it never inflates them."""
-    steps = list(impls.values())
     reference = None
     try:
         steps[0](*inputs, cfg)
@@ -211,21 +241,19 @@ def run(args):
     rows = []
     for tokens in args.tokens:
         inputs = make_inputs(tokens, args.vocab, dtype, device)
-        impls = {"naive": naive_step, "vocab-parallel": vocab_parallel_step}
+        impls = implementations(args.kernels)
         measured = {name: _measure(name, step, inputs, cfg, device, args.repeats, warm_up=tokens == args.tokens[0])
                     for name, step in impls.items()}
-        ok = all(measured.values())
-        loss_diff = grad_diff = None
-        if ok:
-            loss_a, loss_b = measured["naive"][2], measured["vocab-parallel"][2]
-            loss_diff = abs(loss_a - loss_b) / max(abs(loss_a), 1e-12)
-            grad_diff = _gradient_difference(impls, inputs, cfg, device)
         floor_ms = None
         if bandwidth:
             floor_ms = 2 * tokens * args.vocab * inputs[0].element_size() / (bandwidth * 1e9) * 1e3
         naive = measured["naive"]
-        for name in impls:
+        for name, step in impls.items():
             m = measured[name]
+            loss_diff = grad_diff = None
+            if name != "naive" and m and naive:
+                loss_diff = abs(naive[2] - m[2]) / max(abs(naive[2]), 1e-12)
+                grad_diff = _gradient_difference([impls["naive"], step], inputs, cfg, device)
             rows.append(
                 dict(
                     tokens=tokens,
@@ -294,7 +322,7 @@ def render(rows, args):
         for cells in table_rows:
             print("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
     print("peak memory: torch allocator bytes live above the start (inputs excluded, gradient included)")
-    print("diff columns: naive vs vocab-parallel.  With bf16 logits many top-k boundaries are ties, which\n"
+    print("diff columns: this row vs naive.  With bf16 logits many top-k boundaries are ties, which\n"
           "torch.topk breaks arbitrarily (the vocab-parallel top-k takes the lowest ids, like the fp64\n"
           "reference in tests/), so ~1e-4 loss differences are expected; fp32 logits agree to ~1e-7.")
 
@@ -315,6 +343,9 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-tokens", type=int, default=None, help="default: the loss's own choice")
     parser.add_argument("--peak-bandwidth-gbs", type=float, default=None,
                         help="override the GPU's peak memory bandwidth for the HBM floor")
+    parser.add_argument("--kernels", type=lambda s: s.split(","), default=["auto"],
+                        help="comma-separated EOPD_LOSS_KERNELS choices, one vocab-parallel row each:"
+                             " auto (default), torch, triton")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (a few seconds)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -322,6 +353,14 @@ def parse_args(argv=None):
         args.chunk_tokens = args.chunk_tokens or 32
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible")
+    unknown = set(args.kernels) - {"auto", "torch", "triton"}
+    if unknown or len(set(args.kernels)) != len(args.kernels):
+        parser.error(f"--kernels takes distinct auto, torch, triton; got {','.join(args.kernels)}")
+    kernels = vocab_parallel.triton_kernels
+    probe = torch.empty(0, dtype=DTYPES[args.dtype], device=args.device)
+    if "triton" in args.kernels and not (kernels and kernels.available(probe)):
+        parser.error(f"--kernels triton: the Triton kernels do not run on {args.dtype} {args.device} tensors"
+                     " here (they need CUDA, or TRITON_INTERPRET=1 on CPU)")
     return args
 
 

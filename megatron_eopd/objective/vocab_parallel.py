@@ -18,17 +18,28 @@ sums that are added up later: that is the other convention (ModelOpt's) and mixe
 
 Memory: logits are read chunk by chunk (``chunk_tokens`` rows at a time), upcast to fp32 (or kept
 in fp64), and dropped; backward recomputes the softmax per chunk instead of saving it.
+
+Kernels: the chunked torch code here is the reference and the CPU path.  Where the fused Triton
+kernels of :mod:`.triton_kernels` can run (see :func:`use_triton_kernels`), the student terms
+without teacher logits and the summary take them instead: one pass per row computes each rank's
+partials, combined by the same collectives (once for all rows; ``chunk_tokens`` does not apply).
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import os
 from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+try:
+    from . import triton_kernels
+except ImportError:  # no Triton: the torch path everywhere
+    triton_kernels = None
 
 # After subtracting the global max, -inf logits are clamped to this: exp() of it is exactly 0 in
 # fp32 and fp64, and 0 * it stays 0, where 0 * -inf would be NaN.
@@ -36,6 +47,31 @@ NEG_LARGE = -1e30
 # Default chunk: about 4M vocabulary entries on CPU (16 MiB per fp32 temporary: cache friendly),
 # 32M on GPU (128 MiB: few enough kernel launches per token).
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
+# "torch", "triton" or "auto" (default): which implementation the loss primitives use.
+KERNELS_ENV = "EOPD_LOSS_KERNELS"
+
+
+def use_triton_kernels(logits: Tensor) -> bool:
+    """Whether ``logits`` go through the Triton kernels: ``EOPD_LOSS_KERNELS`` = "torch" never,
+    "auto" (default) wherever :func:`triton_kernels.available` says they run (bf16/fp16/fp32 on CUDA,
+    or on CPU under ``TRITON_INTERPRET=1``), "triton" always, and it is an error where they cannot.
+    Callers also keep the torch path for what has no kernel (full-vocabulary KL, top-k > 32).
+    """
+    choice = os.environ.get(KERNELS_ENV, "auto")
+    if choice not in ("torch", "triton", "auto"):
+        raise ValueError(f"{KERNELS_ENV} must be torch, triton or auto, got {choice!r}")
+    if choice == "torch":
+        return False
+    usable = triton_kernels is not None and triton_kernels.available(logits)
+    if choice == "triton" and not usable:
+        if triton_kernels is None:
+            why = "Triton does not import"
+        else:
+            where = "CPU (interpreter)" if triton_kernels.INTERPRETED else "CUDA"
+            why = f"they take bf16/fp16/fp32 on {where}"
+        raise RuntimeError(f"{KERNELS_ENV}=triton, but the kernels cannot take {logits.dtype} logits on"
+                           f" {logits.device.type}: {why}")
+    return usable
 
 
 def tp_size_and_rank(group: Any) -> tuple[int, int]:
@@ -87,6 +123,13 @@ class VocabShard:
         """Number of real (non-padded) vocabulary ids over all shards, assuming equal shards."""
         padded = self.size * self.tp_size
         return padded if self.true_vocab_size is None else min(padded, self.true_vocab_size)
+
+    @property
+    def real_columns(self) -> int:
+        """Number of leading local columns that hold real (non-padded) vocabulary ids."""
+        if self.true_vocab_size is None:
+            return self.size
+        return min(max(self.true_vocab_size - self.start, 0), self.size)
 
     def padded_columns(self, device: torch.device) -> Optional[Tensor]:
         """Bool mask of local columns whose global id is padding (>= true vocab size), or None."""
@@ -212,6 +255,26 @@ def _all_reduce_sum_(x: Tensor, shard: VocabShard) -> Tensor:
     return x
 
 
+def _combine_partials(
+    local_max: Tensor, sums: Tensor, picked: Tensor, shard: VocabShard
+) -> tuple[Tensor, Tensor]:
+    """Per-rank kernel partials -> (global max M [n], all-reduced [S, A, picked...] [n, 2 + j]).
+
+    ``sums`` [n, 2] are (Σe^(z-m), Σe^(z-m)(z-m)) about the local max m; ``picked`` [n, j] are
+    logits owned by this rank (0 elsewhere).  The same two collectives as the chunk loop: MAX of
+    the maxima, then ONE SUM after rescaling by f = e^(m-M): f·S and f·(A + (m-M)·S).
+    """
+    maxima = local_max.clone()
+    if shard.group is not None:
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=shard.group)
+    maxima = torch.where(torch.isfinite(maxima), maxima, torch.zeros_like(maxima))  # as the chunk loop
+    delta = (local_max - maxima).clamp_(min=NEG_LARGE)  # a shard without finite logits: f = 0
+    f = delta.exp()
+    s, a = sums.unbind(1)
+    rescaled = torch.stack([f * s, f * (a + delta * s)], dim=1)
+    return maxima, _all_reduce_sum_(torch.cat([rescaled, picked], dim=1), shard)
+
+
 # --------------------------------------------------------------------------- top-k
 
 
@@ -305,6 +368,8 @@ def vocab_parallel_summary(
     if topk > shard.vocab_size:
         raise ValueError(f"top-k of {topk} exceeds the vocabulary size {shard.vocab_size}")
     rows = torch.arange(logits.shape[0], device=logits.device) if rows is None else rows
+    if use_triton_kernels(logits) and topk <= triton_kernels.MAX_TOPK:
+        return _fused_summary(logits, shard, rows, sampled_ids, topk, temperature)
     n, dtype, device = rows.numel(), compute_dtype(logits.dtype), logits.device
     pad = shard.padded_columns(device)
     step = shard.chunk_rows(chunk_tokens, device)
@@ -336,6 +401,36 @@ def vocab_parallel_summary(
             top_ids[lo:hi] = ids
             top_lp[lo:hi] = _restore_neg_inf(values) - log_s.unsqueeze(1)
     return DistributionSummary(maxima, log_z, entropy, sampled, top_ids, top_lp)
+
+
+def _fused_summary(
+    logits: Tensor,
+    shard: VocabShard,
+    rows: Tensor,
+    sampled_ids: Optional[Tensor],
+    topk: int,
+    temperature: float,
+) -> DistributionSummary:
+    """:func:`vocab_parallel_summary` on the Triton kernels: one pass, then the same collectives."""
+    own_sampled = None if sampled_ids is None else sampled_ids.index_select(0, rows)
+    part = triton_kernels.summary_partials(
+        logits, rows, own_sampled, topk, vocab_start=shard.start, real_columns=shard.real_columns,
+        temperature=temperature,
+    )
+    picked = part.max.new_zeros(rows.numel(), 0) if part.sampled is None else part.sampled.unsqueeze(1)
+    maxima, sums = _combine_partials(part.max, part.sums, picked, shard)
+    log_s = sums[:, 0].log()
+    entropy = log_s - sums[:, 1] / sums[:, 0]
+    sampled = None if part.sampled is None else sums[:, 2] - maxima - log_s
+    top_ids = top_lp = None
+    if topk:
+        # The torch path's candidates: this rank's top min(k, V/TP) of z - M, ties by lower id.
+        candidates = min(topk, shard.size)
+        values = part.top_values[:, :candidates] - maxima.unsqueeze(1)
+        values, ids = _order_by_value_then_id(values, part.top_ids[:, :candidates])
+        values, top_ids = _global_topk(values, ids, topk, shard)
+        top_lp = values - log_s.unsqueeze(1)
+    return DistributionSummary(maxima, maxima + log_s, entropy, sampled, top_ids, top_lp)
 
 
 # --------------------------------------------------------------------------- differentiable terms
@@ -479,6 +574,52 @@ class _VocabParallelTokenTerms(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class _FusedTokenTerms(torch.autograd.Function):
+    """:class:`_VocabParallelTokenTerms` without teacher logits, on the Triton kernels.
+
+    Same outputs and convention; forward is one pass per row plus the same two collectives (once
+    for all rows), backward one pass writing the gradient of every row directly, no communication.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, gather_ids, plan: _TermsPlan):
+        shard = plan.shard
+        part = triton_kernels.softmax_partials(
+            logits, rows, gather_ids, vocab_start=shard.start, real_columns=shard.real_columns,
+            temperature=plan.temperature,
+        )
+        maxima, sums = _combine_partials(part.max, part.sums, part.picked, shard)
+        s, ez = sums[:, 0], sums[:, 1]
+        log_s = s.log()
+        log_z = maxima + log_s
+        logprobs = (sums[:, 2:] - maxima.unsqueeze(1)) - log_s.unsqueeze(1)
+        entropy = log_s - ez / s if plan.want_entropy else log_s.new_empty(0)
+
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, rows, gather_ids, log_z, entropy)
+        ctx.mark_non_differentiable(maxima)
+        return maxima, log_z, logprobs, entropy, log_s.new_empty(0), log_s.new_empty(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _g_max, g_log_z, g_logprobs, g_entropy, _g_fkl, _g_rkl):
+        logits, rows, gather_ids, log_z, entropy = ctx.saved_tensors
+        plan: _TermsPlan = ctx.plan
+        zeros = log_z.new_zeros(rows.numel())
+        g_log_z = zeros if g_log_z is None else g_log_z
+        g_entropy = zeros if g_entropy is None or not plan.want_entropy else g_entropy
+        g_ids = torch.zeros_like(gather_ids, dtype=log_z.dtype) if g_logprobs is None else g_logprobs
+        # The coefficients of _VocabParallelTokenTerms.backward with no KL terms.
+        alpha = -g_entropy
+        beta = g_log_z - g_ids.sum(dim=1) - g_entropy * (entropy if plan.want_entropy else 0.0)
+        grad = triton_kernels.softmax_backward(
+            logits, rows, gather_ids, g_ids, log_z, alpha, beta, vocab_start=plan.shard.start,
+            real_columns=plan.shard.real_columns, temperature=plan.temperature,
+        )
+        return grad, None, None, None
+
+
 class TokenTerms(NamedTuple):
     """Per-token outputs of :func:`vocab_parallel_token_terms` (empty tensors where not asked)."""
 
@@ -536,9 +677,11 @@ def vocab_parallel_token_terms(
         want_forward_kl,
         want_reverse_kl,
     )
+    gather_ids = gather_ids.to(torch.int64)
+    if teacher_logits is None and use_triton_kernels(logits):
+        return TokenTerms(*_FusedTokenTerms.apply(logits, rows, gather_ids, plan))
     teacher = teacher_logits.detach() if teacher_logits is not None else None
-    out = _VocabParallelTokenTerms.apply(logits, rows, gather_ids.to(torch.int64), teacher, plan)
-    return TokenTerms(*out)
+    return TokenTerms(*_VocabParallelTokenTerms.apply(logits, rows, gather_ids, teacher, plan))
 
 
 # --------------------------------------------------------------------------- public primitives
