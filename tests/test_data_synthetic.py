@@ -25,7 +25,8 @@ def test_problems_are_deterministic_distinct_and_the_splits_disjoint():
     for record in train[:200] + test[:200]:
         operands = task.parse_problem(record)
         assert task.MIN_OPERANDS <= len(operands) <= task.MAX_OPERANDS
-        assert all(0 <= x <= 9 for x in operands) and record.answer == str(sum(operands))
+        assert all(0 <= x <= 9 for x in operands) and len(set(operands)) == len(operands)
+        assert record.answer == str(sum(operands))
         assert task.format_problem(operands) == record.problem
     assert task.format_problem([3, 5, 2, 7]) == "Add 3, 5, 2 and 7."
 
@@ -33,8 +34,8 @@ def test_problems_are_deterministic_distinct_and_the_splits_disjoint():
 def test_sampled_paths_are_valid_varied_and_end_in_the_boxed_answer():
     record = task.generate_problems(1, seed=5)[0]
     rng = random.Random(0)
-    paths = {task.sample_solution(record, rng) for _ in range(200)}
-    assert len(paths) > 20  # genuinely several paths
+    paths = {task.sample_solution(record, rng) for _ in range(3000)}
+    assert len(paths) == math.factorial(len(task.parse_problem(record)))  # every order of the numbers
     for path in paths:
         assert task.is_valid_solution(record, path)
         assert path.endswith(f"\\boxed{{{record.answer}}}") and len(path) < 70
@@ -46,8 +47,9 @@ def test_sampled_paths_are_valid_varied_and_end_in_the_boxed_answer():
     "solution, valid",
     [
         ("3+5=8,8+2=10,10+7=17. \\boxed{17}", True),
-        ("2+7=9,3+5=8,8+9=17. \\boxed{17}", True),
-        ("7+2=9,9+5=14,3+14=17. \\boxed{17}", True),
+        ("7+2=9,9+5=14,14+3=17. \\boxed{17}", True),
+        ("2+7=9,3+5=8,8+9=17. \\boxed{17}", False),  # a second pair instead of the running total
+        ("7+2=9,9+5=14,3+14=17. \\boxed{17}", False),  # the running total goes first
         ("3+5=8,8+2=10,10+7=18. \\boxed{18}", False),  # wrong sum
         ("3+5=8,8+2=10,10+7=17. \\boxed{18}", False),  # box disagrees with the work
         ("3+3=6,6+2=8,8+7=15. \\boxed{15}", False),  # uses 3 twice
@@ -62,22 +64,22 @@ def test_is_valid_solution(solution, valid):
 
 
 def _brute_force_entropies(problem: str, solution: str):
-    """Entropies by enumerating every path of the sampler with its probability, then conditioning on text."""
+    """Entropies by enumerating every path of the sampler with its probability, then conditioning on
+    the token sequence (the closing prefix is one token, as the task tokenizer has it)."""
     paths = defaultdict(float)
+    operands = task.parse_problem(problem)
+    closing = "\x01"  # stands for the one-token ". \\boxed{"
 
-    def walk(remaining, steps, prob):
-        if len(remaining) == 1:
-            paths[",".join(steps) + f". \\boxed{{{remaining[0]}}}" + "\0"] += prob  # \0: end of turn
-            return
-        k = len(remaining)
-        for i, j in permutations(range(k), 2):
-            a, b = remaining[i], remaining[j]
-            rest = [x for n, x in enumerate(remaining) if n not in (i, j)] + [a + b]
-            walk(rest, steps + [f"{a}+{b}={a + b}"], prob / (k * (k - 1)))
+    for order in permutations(range(len(operands))):
+        values = [operands[i] for i in order]
+        total, steps = values[0], []
+        for x in values[1:]:
+            steps.append(f"{total}+{x}={total + x}")
+            total += x
+        paths[",".join(steps) + closing + f"{total}}}" + "\0"] += 1 / math.factorial(len(operands))  # \0: end
 
-    walk(task.parse_problem(problem), [], 1.0)
     assert math.isclose(sum(paths.values()), 1.0)
-    full = solution + "\0"
+    full = solution.replace(task.FINAL_PREFIX, closing) + "\0"
     out = []
     for t in range(len(full)):
         mass = defaultdict(float)
@@ -91,16 +93,17 @@ def _brute_force_entropies(problem: str, solution: str):
 
 @pytest.mark.parametrize(
     "operands",
-    [[3, 5, 2, 7], [1, 1, 2, 5], [4, 6, 2, 1, 9], [9, 3, 7, 1, 1], [0, 0, 0, 0, 0], [5, 5, 8, 4]],
+    [[3, 5, 2, 7], [0, 1, 2, 5], [4, 6, 2, 1, 9], [9, 3, 7, 1, 0], [8, 7, 6, 5, 4], [5, 0, 8, 4]],
 )
 def test_ideal_entropies_match_brute_force_enumeration(operands):
     problem = task.format_problem(operands)
+    tokenizer = task.build_task_tokenizer()
     rng = random.Random(sum(operands))
     for _ in range(6):
         solution = task.sample_solution(problem, rng)
         expected = _brute_force_entropies(problem, solution)
         got = task.ideal_branch_entropies(problem, solution)
-        assert len(got) == len(solution) + 1
+        assert len(got) == len(tokenizer.encode(solution, add_special_tokens=False)) + 1
         assert got == pytest.approx(expected, abs=1e-12)
 
 
@@ -108,15 +111,16 @@ def test_branch_points_carry_ln_k_and_everything_else_is_certain():
     problem = "Add 3, 5, 2 and 7."
     ent = task.ideal_branch_entropies(problem, "3+5=8,8+2=10,10+7=17. \\boxed{17}")
     high = {i: h for i, h in enumerate(ent) if h > 1e-12}
-    # First operand of 4, second of 3, then 3 and 2 remaining (8 and 2 differ in the first digit),
-    # then 10 vs 7 and 7 alone.
-    assert high == pytest.approx({0: math.log(4), 2: math.log(3), 6: math.log(3), 8: math.log(2), 13: math.log(2)})
+    # First number of 4, second of 3, then 2 left (the running total "8+" is copied), then 1.
+    assert high == pytest.approx({0: math.log(4), 2: math.log(3), 8: math.log(2)})
 
 
-def test_ideal_high_entropy_fraction_is_in_the_target_band():
+def test_ideal_high_entropy_fraction():
+    """A perfect teacher is above tau = 0.8 nats on the first two or three picks of each solution
+    (4, 5 or 3 options), 8-9% of the tokens; a trained one is uncertain on more (make run logs it)."""
     records = task.generate_problems(400, seed=0, split="train")
     fraction = task.ideal_high_entropy_fraction(records, samples_per_problem=2, tau=0.8)
-    assert 0.10 <= fraction <= 0.30, fraction
+    assert 0.08 <= fraction <= 0.30, fraction
 
 
 # ---------------------------------------------------------------- tokenizer and models
@@ -133,8 +137,10 @@ def test_tokenizer_is_character_level_with_qwen_specials_last(tokenizer):
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
     ids = qwen3_templates.special_token_ids(tokenizer)
     assert (ids.endoftext, ids.im_start, ids.im_end) == (96, 97, 98)
-    text = "3+5=8,8+2=10. \\boxed{10}"
+    text = "3+5=8,8+2=10"
     assert tokenizer.encode(text, add_special_tokens=False) == [task.TASK_ALPHABET.index(c) for c in text]
+    closing = tokenizer.encode(text + task.final_text(10), add_special_tokens=False)[len(text):]
+    assert closing == [tokenizer.convert_tokens_to_ids(task.FINAL_PREFIX)] + [task.TASK_ALPHABET.index(c) for c in "10}"]
 
 
 def test_tokenizer_round_trips_task_text_exactly(tokenizer):

@@ -93,9 +93,9 @@ BAD_LAYOUTS = {
 # More of the same, through cli.main in this process (the subprocess cases above show the entry point
 # adds nothing to main's exit status and stderr).
 MORE_BAD_LAYOUTS = {
-    "tp does not divide kv heads (from config.json)": (
+    "tp does not divide the heads (from config.json)": (
         ["--world-size", "2", "parallel.tensor=2", "student.arch=null", "student.hf_dir={student}"],
-        ["student at parallel.tensor=2", "TP=2 does not divide num_key_value_heads=1"]),
+        ["student at parallel.tensor=2", "TP=2 does not divide num_attention_heads=3"]),
     "engines do not fit the node": (
         ["--world-size", "4"], ["rollout engines at world size 4", "engines_per_node=8 does not divide the 4 ranks"]),
     "warm-up longer than the run": (["--world-size", "8", "train.iterations=1", "optim.warmup_steps=4"],

@@ -124,7 +124,7 @@ def _assert_equal_to_reference(rows: list[dict], reference: list[dict]) -> None:
 def models(tmp_path_factory) -> dict:
     """The task's teacher (4 heads, 2 KV heads) and a student with 2 heads and 2 KV heads.
 
-    The task's own student has 1 KV head, which TP=2 cannot split (see the refusal test below).
+    The task's own student has 3 heads and 1 KV head, which TP=2 cannot split (see the refusal test below).
     """
     from transformers import AutoConfig
 
@@ -137,7 +137,7 @@ def models(tmp_path_factory) -> dict:
     student = make_tiny_qwen3(
         root / "student", seed=12, tokenizer=build_task_tokenizer(), init_std=0.02, perturb_norms=False,
         eos_tokens=(IM_END, ENDOFTEXT), max_position_embeddings=512,
-        **dict(TASK_MODEL_SHAPES["student"], num_kv_heads=2),
+        **dict(TASK_MODEL_SHAPES["student"], num_heads=2, num_kv_heads=2),
     )
     for path in (teacher, student):
         cfg = AutoConfig.from_pretrained(path)
@@ -166,8 +166,8 @@ def reference(models, tmp_path_factory) -> list[dict]:
     return rows
 
 
-def test_task_student_cannot_split_its_single_kv_head(models, tmp_path):
-    """Why the module builds its own student: the task's has 1 KV head, refused at TP=2 up front."""
+def test_task_student_cannot_split_its_heads(models, tmp_path):
+    """Why the module builds its own student: the task's has 3 heads and 1 KV head, refused at TP=2 up front."""
     from megatron_eopd.config import ConfigError
     from megatron_eopd.data.synthetic import make_task_model
     from megatron_eopd.trainer.config import load_train_config, plan_layout
@@ -175,7 +175,7 @@ def test_task_student_cannot_split_its_single_kv_head(models, tmp_path):
     student = make_task_model(tmp_path / "task_student", role="student", seed=12)
     config = load_train_config("tiny_cpu", [f"student.hf_dir={student}",
                                             f"teacher.hf_dir={models['teacher']}", "parallel.tensor=2"])
-    with pytest.raises(ConfigError, match="TP=2 does not divide num_key_value_heads=1"):
+    with pytest.raises(ConfigError, match="TP=2 does not divide num_attention_heads=3"):
         plan_layout(config, 2)
 
 

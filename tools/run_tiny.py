@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The embedded default (``make run``): the whole EOPD stack on CPU, on the synthetic arithmetic task.
 
-1. prepare (cached in the run directory): a 0.8M-parameter teacher trained by the trainer's SFT mode
-   on random valid solution paths, and a 0.1M-parameter student given a short SFT warm-up ending
+1. prepare (cached in the run directory): a 0.42M-parameter teacher trained by the trainer's SFT mode
+   on random valid solution paths, and a 0.21M-parameter student given a shorter SFT warm-up ending
    its answers with ``<|endoftext|>`` like a base model;
 2. distil the student from the teacher with EOPD through the real stack (vLLM-CPU rollouts, weight
    sync with the parity probe, Megatron teacher and student, checkpoints): the ``tiny_cpu`` preset;

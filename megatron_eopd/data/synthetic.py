@@ -1,9 +1,17 @@
-"""A synthetic arithmetic-reasoning task for the tiny CPU demo: multi-operand sums.
+"""A synthetic arithmetic-reasoning task for the tiny CPU demo: sums of distinct one-digit numbers.
 
-A problem asks for the sum of a few one-digit numbers.  A solution combines any two remaining
-numbers per step ("3+5=8,8+2=10,10+7=17. \\boxed{17}"), so there are many valid paths: a teacher trained on
-random paths is uncertain at the operand choices and certain everywhere else, which is the token
-mix EOPD's entropy gate is about.  Also here: a character-level Qwen-style tokenizer and task models.
+A problem asks for the sum of four or five distinct digits.  A solution adds them up one at a time
+in any order ("3+5=8,8+2=10,10+7=17. \\boxed{17}"): the first step adds any two of the numbers,
+every later step adds one of those not used yet to the running total.  So there are 4! or 5!
+valid paths, and a teacher trained on random paths is uncertain at the choice of each next number
+and certain everywhere else (the running total is copied, the sums are determined), which is the
+token mix EOPD's entropy gate is about.  Also here: a character-level Qwen-style tokenizer and the
+task models.
+
+Why this shape (measured on the 2-core machine, 2-layer models, batch 32, Avg@4 at T=1, top-p 0.8):
+combining any two of the remaining numbers, partial sums included, took a 4-layer teacher 500 SFT
+iterations to reach 0.43; with the running-total form and distinct digits a 2-layer teacher reaches
+0.8-0.9 in 1,500, and a smaller student learns it fast enough to be distilled within minutes.
 """
 
 from __future__ import annotations
@@ -21,8 +29,8 @@ from megatron_eopd.data.qwen3_templates import EMPTY_THINK, ENDOFTEXT, EVAL_SUFF
 
 SOURCE = "synthetic:arith"
 MIN_OPERANDS = 4
-MAX_OPERANDS = 6
-MAX_OPERAND = 9
+MAX_OPERANDS = 5
+MAX_OPERAND = 9  # operands are distinct digits 0..MAX_OPERAND
 # About one multiset of operands in TEST_BUCKETS goes to the test split (by a hash, so stable).
 TEST_BUCKETS = 8
 
@@ -72,13 +80,13 @@ def generate_problems(
 ) -> List[PromptRecord]:
     """``n`` distinct problems of ``split``; deterministic in (n, seed, split).
 
-    Operands are 0-9, ``min_operands``..``max_operands`` of them.  No multiset of operands appears
+    Operands are ``min_operands``..``max_operands`` distinct digits 0-9.  No set of operands appears
     in both splits, so test problems are not reorderings of training problems.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not 2 <= min_operands <= max_operands:
-        raise ValueError("need 2 <= min_operands <= max_operands")
+    if not 2 <= min_operands <= max_operands <= MAX_OPERAND + 1:
+        raise ValueError(f"need 2 <= min_operands <= max_operands <= {MAX_OPERAND + 1}")
     rng = random.Random(f"arith-{seed}-{split}")
     seen = set()
     records: List[PromptRecord] = []
@@ -88,7 +96,7 @@ def generate_problems(
         if attempts > 100 * n + 10_000:
             raise ValueError(f"could not find {n} distinct {split} problems; ask for fewer")
         count = rng.randint(min_operands, max_operands)
-        operands = tuple(rng.randint(0, MAX_OPERAND) for _ in range(count))
+        operands = tuple(rng.sample(range(MAX_OPERAND + 1), count))
         if operands in seen or _split_of(operands) != split:
             continue
         seen.add(operands)
@@ -104,15 +112,14 @@ def generate_problems(
 
 
 def sample_solution(problem: Union[str, PromptRecord], rng: random.Random) -> str:
-    """A uniformly random valid path: each step adds an ordered pair of distinct remaining numbers."""
-    remaining = parse_problem(problem)
-    steps = []
-    while len(remaining) > 1:
-        i, j = rng.sample(range(len(remaining)), 2)
-        a, b = remaining[i], remaining[j]
-        remaining = [x for k, x in enumerate(remaining) if k not in (i, j)] + [a + b]
-        steps.append(f"{a}+{b}={a + b}")
-    return STEP_SEP.join(steps) + final_text(remaining[0])
+    """A uniformly random valid path: the operands in a random order, added to a running total."""
+    order = parse_problem(problem)
+    rng.shuffle(order)
+    total, steps = order[0], []
+    for x in order[1:]:
+        steps.append(f"{total}+{x}={total + x}")
+        total += x
+    return STEP_SEP.join(steps) + final_text(total)
 
 
 def _solution_steps(solution: str):
@@ -137,13 +144,17 @@ def is_valid_solution(problem: Union[str, PromptRecord], solution: str) -> bool:
     steps, boxed = _solution_steps(solution)
     if steps is None or len(steps) != sum(remaining.values()) - 1:
         return False
+    total = None
     for a, b, s in steps:
-        remaining[a] -= 1
+        if total is None:  # the first step takes two of the numbers
+            remaining[a] -= 1
+        elif a != total:  # every later one continues the running total
+            return False
         remaining[b] -= 1
         if remaining[a] < 0 or remaining[b] < 0 or a + b != s:
             return False
-        remaining[s] += 1
-    return +remaining == Counter([boxed])
+        total = s
+    return not +remaining and boxed == total
 
 
 def _next_char_entropies(weights: Dict[str, float], chosen: str) -> List[float]:
@@ -167,28 +178,32 @@ def _next_char_entropies(weights: Dict[str, float], chosen: str) -> List[float]:
 def ideal_branch_entropies(problem: Union[str, PromptRecord], solution: str) -> List[float]:
     """Per response token, the entropy (nats) of a perfectly trained teacher.
 
-    The ideal teacher is the distribution of :func:`sample_solution`: at each step the first operand
-    is a uniform pick among the remaining numbers and the second a uniform pick among the others;
-    everything else is determined.  Tokens are the solution's characters (the task tokenizer is
-    character level) plus the end-of-turn token, which is certain.
+    The ideal teacher is the distribution of :func:`sample_solution`: the next number is a uniform
+    pick among those not used yet (the first step picks two); the running totals, the sums and the
+    closing are determined.  Tokens are the solution's characters (the task tokenizer is character
+    level) with the closing prefix as one token (:data:`TASK_PHRASES`), plus the end-of-turn token.
     """
     if not is_valid_solution(problem, solution):
         raise ValueError(f"not a valid solution of {problem!r}: {solution!r}")
     remaining = Counter(parse_problem(problem))
     steps, boxed = _solution_steps(solution)
     entropies: List[float] = []
-    for index, (a, b, s) in enumerate(steps):
+
+    def pick(value: int, delimiter: str) -> None:
         count = sum(remaining.values())
-        first = {f"{v}+": c / count for v, c in remaining.items() if c}
-        entropies += _next_char_entropies(first, f"{a}+")
-        remaining[a] -= 1
-        second = {f"{v}=": c / (count - 1) for v, c in remaining.items() if c}
-        entropies += _next_char_entropies(second, f"{b}=")
-        remaining[b] -= 1
-        remaining[s] += 1
-        tail = str(s) + (STEP_SEP if index + 1 < len(steps) else "")
-        entropies += [0.0] * len(tail)
-    entropies += [0.0] * len(final_text(boxed))
+        options = {f"{v}{delimiter}": c / count for v, c in remaining.items() if c}
+        entropies.extend(_next_char_entropies(options, f"{value}{delimiter}"))
+        remaining[value] -= 1
+
+    for index, (a, b, s) in enumerate(steps):
+        if index == 0:
+            pick(a, "+")
+        else:
+            entropies.extend([0.0] * len(f"{a}+"))
+        pick(b, "=")
+        entropies.extend([0.0] * len(str(s) + (STEP_SEP if index + 1 < len(steps) else "")))
+    entropies.append(0.0)  # the closing prefix, one token
+    entropies.extend([0.0] * len(f"{boxed}{FINAL_SUFFIX}"))
     entropies.append(0.0)  # end of turn
     return entropies
 
@@ -211,7 +226,7 @@ def ideal_high_entropy_fraction(
 
 TASK_ALPHABET = [chr(c) for c in range(32, 127)] + ["\n"]
 TASK_SPECIALS = (ENDOFTEXT, IM_START, IM_END)
-TASK_PHRASES = (TRAIN_SUFFIX, EVAL_SUFFIX, EMPTY_THINK, "user\n", "assistant\n")
+TASK_PHRASES = (TRAIN_SUFFIX, EVAL_SUFFIX, EMPTY_THINK, "user\n", "assistant\n", FINAL_PREFIX)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -223,9 +238,10 @@ def build_task_tokenizer():
     then a few whole-phrase tokens.
 
     Characters outside that alphabet are dropped by the tokenizer; the task never produces them.
-    The phrases every prompt repeats (the instructions, the chat roles, the empty think block) are one
-    token each, as frequent text is in a real BPE vocabulary: prompts shrink from ~110 to ~35 tokens,
-    which more than halves the compute of every phase on CPU.  Problems and solutions stay character
+    The phrases every prompt repeats (the instructions, the chat roles, the empty think block) and the
+    closing of every solution (". \\boxed{") are one token each, as frequent text is in a real BPE
+    vocabulary: prompts shrink from ~110 to ~35 tokens, which more than halves the compute of every
+    phase on CPU, and responses lose 8 certain tokens.  Problems, steps and answers stay character
     level, so the branch points of a solution are single tokens.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models
@@ -252,13 +268,15 @@ ModelRole = Literal["teacher", "student"]
 
 # Teacher and student shapes of the tiny demo; head_dim 32 because vLLM's CPU attention needs it.
 # RoPE base 10,000 rather than Qwen3's 1e6: sequences are under 200 tokens, and the slow rotary
-# frequencies a long context needs would leave positions nearly indistinguishable (a teacher SFT'd
-# with 1e6 reached 0.36 nats/token where 1e4 reached 0.31 on the same budget).
+# frequencies a long context needs would leave positions nearly indistinguishable.  Two layers:
+# with the same SFT budget a 4-layer 128-wide teacher reached 0.36 Avg@4 where the 2-layer one
+# reached 0.54 (600 iterations) and 0.89 (1,500); the student is narrower (96 wide, 3 heads sharing
+# one KV head, tied embeddings like the small Qwen3s), about half the teacher's parameters.
 TASK_MODEL_SHAPES = {
-    "teacher": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+    "teacher": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                     ffn_hidden_size=384, tie_word_embeddings=False, rope_theta=10_000.0),
-    "student": dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
-                    ffn_hidden_size=192, tie_word_embeddings=True, rope_theta=10_000.0),
+    "student": dict(hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1, head_dim=32,
+                    ffn_hidden_size=288, tie_word_embeddings=True, rope_theta=10_000.0),
 }
 
 
