@@ -6,7 +6,7 @@ of the synthetic task; then ``report.md`` (tables, the paper's three directions 
 spread, PNG plots) and ``summary.json`` are computed from the runs' files.  Rerunning the same command
 skips finished runs and resumes an interrupted one; ``--report-only`` only renders the report again.
 
-Default budget: 3 methods x 3 seeds x 200 iterations plus the teacher's preparation, about an hour on
+Default budget: 3 methods x 5 seeds x 100 iterations plus the models' preparation, under an hour on
 2 idle cores.  ``--quick``: one seed, 3 iterations, 8 problems and short SFT budgets (a few minutes;
 the test suite's version).
 """

@@ -303,9 +303,12 @@ def render_markdown(summary: dict, plots: dict) -> str:
         overrides = ", ".join(f"`{o}`" for o in m["overrides"]) or "the preset's loss, no override"
         lines.append(f"- **{m['label']}** ({overrides}): {m['description']}.")
     lines += [
-        f"- Trainer: the `tiny_cpu` preset (a 0.8M-parameter teacher made by SFT, a 0.1M-parameter student "
+        f"- Trainer: the `tiny_cpu` preset (a 0.42M-parameter teacher made by SFT, a 0.21M-parameter student "
         f"base), tau = {settings.get('tau')}, alpha = {settings.get('alpha')}, top-{settings.get('topk')} "
-        f"teacher distribution in the FKL, lr {settings.get('lr')} cosine to {settings.get('min_lr')}, "
+        f"teacher distribution in the FKL, {settings.get('prompts_per_iteration')} prompts per iteration in "
+        f"mini-batches of {settings.get('mini_batch_size')}, lr {settings.get('lr')} "
+        + ("constant, " if settings.get('lr_schedule') == "constant" or settings.get('lr') == settings.get('min_lr')
+           else f"{settings.get('lr_schedule') or 'cosine'} to {settings.get('min_lr')}, ") +
         f"rollouts with {settings.get('rollout_engine')} at temperature {settings.get('rollout_temperature')}, "
         f"top-p {settings.get('rollout_top_p')}, up to {settings.get('max_tokens')} tokens."
         + (f" Extra overrides for every run: {', '.join(f'`{o}`' for o in config['overrides'])}."

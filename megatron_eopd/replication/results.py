@@ -255,6 +255,7 @@ def trainer_settings(runs: Sequence[dict], study_dir: Path) -> dict:
     return {"tau": loss.get("tau"), "alpha": loss.get("alpha"), "topk": loss.get("topk"),
             "prompts_per_iteration": train.get("prompts_per_iteration"),
             "mini_batch_size": train.get("mini_batch_size"), "lr": optim.get("lr"), "min_lr": optim.get("min_lr"),
+            "lr_schedule": optim.get("lr_schedule"),
             "rollout_engine": resolved.get("rollout", {}).get("engine"),
             "rollout_temperature": sampling.get("temperature"), "rollout_top_p": sampling.get("top_p"),
             "max_tokens": sampling.get("max_tokens")}
