@@ -26,12 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from megatron_eopd.data import load_prompt_records, qwen3_templates
-from megatron_eopd.evaluation import metrics as eval_metrics
 from megatron_eopd.evaluation import runner
+from megatron_eopd.evaluation.heldout import HELDOUT, HeldoutSettings, evaluate_heldout
 
-HELDOUT = "synthetic_arith_test"  # the benchmark name under which held-out results are stored
-HELDOUT_SOURCE = "synthetic:arith"
 STUDY_FILE = "study.json"
 EVAL_FILE = "eval.json"
 TIMING_FILE = "timing.json"
@@ -211,49 +208,10 @@ def add_timing(path: Path, key: str, seconds: float) -> None:
 # --------------------------------------------------------------------------- held-out evaluation
 
 
-def evaluate_heldout(model_dir: Path, output: Path, config: StudyConfig) -> dict:
-    """Sample ``eval_samples`` answers per held-out problem, grade them, write ``output`` (evaluate.py's format)."""
-    from transformers import AutoTokenizer
-
-    from megatron_eopd.rollout import RolloutConfig, create_rollout_engine
-
-    started = time.time()
-    records = load_prompt_records(HELDOUT_SOURCE, split="test", limit=config.eval_problems)
-    benchmark = runner.Benchmark(HELDOUT, f"{HELDOUT_SOURCE} (test split)", records)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    # The tiny models were SFT'd on the training template (the chat user turn with the paper's training
-    # suffix), so they are asked that way; the paper's eval suffix would be a prompt they never saw.
-    prompts = [tokenizer.encode(qwen3_templates.format_prompt(r.problem, "train"), add_special_tokens=False)
-               for r in records]
-    stops = runner.eval_stop_token_ids(tokenizer)
-    sampling = runner.eval_sampling(n=config.eval_samples, temperature=config.eval_temperature,
-                                    top_p=config.eval_top_p, max_tokens=config.eval_max_tokens,
-                                    seed=config.eval_seed, stop_token_ids=stops)
-    engine_config = RolloutConfig(engine=config.eval_engine, sampling=sampling, dtype="float32",
-                                  enforce_eager=True, max_model_len=512, seed=config.eval_seed,
-                                  show_progress=False, sleep_between_phases=False)
-    with create_rollout_engine(engine_config, model_dir) as engine:
-        batch = engine.generate(prompts, sampling)
-    graded = runner.grade_generations([benchmark], batch.results, tokenizer)
-    table = eval_metrics.summarize(runner.correctness(graded))
-    settings = runner.EvalSettings(
-        model=str(Path(model_dir).resolve()), model_kind="hf", benchmarks=[HELDOUT],
-        sources={HELDOUT: benchmark.source}, n=config.eval_samples, temperature=config.eval_temperature,
-        top_p=config.eval_top_p, max_tokens=config.eval_max_tokens, seed=config.eval_seed,
-        engine=config.eval_engine, prompt_style="chat", prompt_purpose="train", limit=config.eval_problems,
-        max_model_len=512, dtype="float32", stop_token_ids=stops)
-    report = {
-        "format": runner.OUTPUT_FORMAT,
-        "format_version": runner.OUTPUT_FORMAT_VERSION,
-        "settings": dataclasses.asdict(settings),
-        "metrics": table,
-        "table": eval_metrics.markdown_table(table),
-        "diagnostics": runner.diagnostics(graded),
-        "timing": {"total_s": time.time() - started},
-        "results": graded,
-    }
-    write_json(output, report)
-    return report
+def heldout_settings(config: StudyConfig) -> HeldoutSettings:
+    return HeldoutSettings(problems=config.eval_problems, samples=config.eval_samples,
+                           temperature=config.eval_temperature, top_p=config.eval_top_p,
+                           max_tokens=config.eval_max_tokens, seed=config.eval_seed, engine=config.eval_engine)
 
 
 # --------------------------------------------------------------------------- the runs
@@ -296,7 +254,7 @@ def run_study(config: StudyConfig, study_dir: Path, *, log: Callable[[str], None
         if not output.is_file():
             log(f"evaluating the {name.replace('_', ' ')} on {config.eval_problems} held-out problems")
             start = time.perf_counter()
-            evaluate_heldout(model_dir, output, config)
+            evaluate_heldout(model_dir, heldout_settings(config), output)
             add_timing(study_timing, f"eval/{name}", time.perf_counter() - start)
 
     todo = [(m, s) for m in config.methods for s in config.seeds]
@@ -313,7 +271,7 @@ def run_study(config: StudyConfig, study_dir: Path, *, log: Callable[[str], None
             add_timing(run_dir / TIMING_FILE, "train_s", time.perf_counter() - start)
         log(f"{tag}: held-out evaluation")
         start = time.perf_counter()
-        evaluate_heldout(run_dir / "final_hf", run_dir / EVAL_FILE, config)
+        evaluate_heldout(run_dir / "final_hf", heldout_settings(config), run_dir / EVAL_FILE)
         add_timing(run_dir / TIMING_FILE, "eval_s", time.perf_counter() - start)
     return paths
 

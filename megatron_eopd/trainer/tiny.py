@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from megatron_eopd.data import grade_answer, load_prompt_records, qwen3_templates
+
 from megatron_eopd.data.synthetic import make_task_model
-from megatron_eopd.rollout import RolloutConfig, SamplingSettings, create_rollout_engine
+from megatron_eopd.evaluation.heldout import HELDOUT, HeldoutSettings, evaluate_heldout
 from megatron_eopd.trainer.config import load_train_config
 from megatron_eopd.trainer.loop import train
 
@@ -74,26 +74,12 @@ class TinyRun:
 
     def evaluate(self, model_dir: Path, label: str, *, engine: str = "hf") -> dict:
         """Avg@k and Pass@k of sampled answers on held-out problems, sampled as the paper evaluates."""
-        from transformers import AutoTokenizer
-
-        records = load_prompt_records("synthetic:arith", split="test", limit=EVAL_PROBLEMS)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        prompts = [tokenizer.encode(qwen3_templates.format_prompt(r.problem, "train"), add_special_tokens=False)
-                   for r in records]
-        config = RolloutConfig(engine=engine, dtype="float32", show_progress=False, max_model_len=512,
-                               sampling=SamplingSettings(n=EVAL_SAMPLES, temperature=1.0, top_p=EVAL_TOP_P,
-                                                         max_tokens=96, seed=2026))
-        with create_rollout_engine(config, model_dir) as sampler:
-            batch = sampler.generate(prompts)
-        correct = [[grade_answer(tokenizer.decode(s.token_ids, skip_special_tokens=True), r.answer).correct
-                    for s in result.samples] for r, result in zip(records, batch.results)]
-        flat = [c for row in correct for c in row]
-        out = {"model": str(model_dir), "avg_at_k": sum(flat) / len(flat),
-               "pass_at_k": sum(any(row) for row in correct) / len(correct), "k": EVAL_SAMPLES,
-               "problems": len(records)}
+        settings = HeldoutSettings(problems=EVAL_PROBLEMS, samples=EVAL_SAMPLES, top_p=EVAL_TOP_P, engine=engine)
+        metrics = evaluate_heldout(model_dir, settings)["metrics"][HELDOUT]
+        out = {"model": str(model_dir), "avg_at_k": metrics[f"avg@{EVAL_SAMPLES}"],
+               "pass_at_k": metrics[f"pass@{EVAL_SAMPLES}"], "k": EVAL_SAMPLES, "problems": EVAL_PROBLEMS}
         print(f"{label}: Avg@{EVAL_SAMPLES} {out['avg_at_k']:.3f}, Pass@{EVAL_SAMPLES} {out['pass_at_k']:.3f} "
-              f"({len(records)} held-out problems, temperature 1, top-p {EVAL_TOP_P})",
-              flush=True)
+              f"({EVAL_PROBLEMS} held-out problems, temperature 1, top-p {EVAL_TOP_P})", flush=True)
         return out
 
     def summary(self, teacher: dict, before: dict, after: dict, history: list[dict], *, seconds: float) -> dict:
