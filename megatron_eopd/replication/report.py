@@ -100,28 +100,36 @@ def plot_curves(summary: dict, key: str, ylabel: str, title: str, path: Path, wi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=120)
-    for method in summary["config"]["methods"]:
-        runs = [r for r in summary["runs"] if r["method"] == method]
-        if not runs:
-            continue
-        x, mean, std = _band(runs, key, width)
-        color = COLORS.get(method)
-        label = f"{METHODS[method].label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
-        ax.plot(x, mean, color=color, linewidth=1.8, label=label, marker="o" if len(x) <= 5 else None)
-        if len(runs) > 1:
-            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("training iteration")
-    ax.set_ylabel(ylabel)
+    methods = list(summary["config"]["methods"])
+    # The paper's comparison gets its own panel when a third arm's scale would flatten it.
+    panels = [(methods, "all methods")]
+    if {"opd", "eopd"} <= set(methods) and len(methods) > 2:
+        panels.append((["opd", "eopd"], "OPD and EOPD only (zoom)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 * len(panels) * 0.8 + 1.4, 4.2), dpi=120, squeeze=False)
+    for ax, (shown, panel_title) in zip(axes[0], panels):
+        for method in shown:
+            runs = [r for r in summary["runs"] if r["method"] == method]
+            if not runs:
+                continue
+            x, mean, std = _band(runs, key, width)
+            color = COLORS.get(method)
+            label = f"{METHODS[method].label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+            ax.plot(x, mean, color=color, linewidth=1.8, label=label, marker="o" if len(x) <= 5 else None)
+            if len(runs) > 1:
+                ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("training iteration")
+        ax.set_ylabel(ylabel)
+        if len(panels) > 1:
+            ax.set_title(panel_title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(frameon=False)
     smoothing = f"; trailing mean over {width} iterations" if width > 1 else ""
     tau = summary["trainer_settings"].get("tau")
     title += f" (tau = {tau} nats)" if tau is not None and key != "student_entropy" else ""
-    ax.set_title(f"{title}\nline: mean over seeds, band: ± 1 std over seeds{smoothing}", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(frameon=False)
+    fig.suptitle(f"{title}\nline: mean over seeds, band: ± 1 std over seeds{smoothing}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
