@@ -54,13 +54,14 @@ test-mcore-latest:
 # A CUDA machine with Python 3.12 and torch preinstalled and no network (the lent H100/H200 image):
 # megatron-core from the wheel directory $(WHEELS) and the project, both --no-deps into $(GPU_SITE)
 # (torch untouched), then the suites that apply (not vLLM/ModelOpt) on NCCL with one rank per GPU,
-# and the loss benchmark on CUDA.
+# and the loss (torch and Triton kernels) and model benchmarks on CUDA.
 WHEELS ?= .whl
 GPU_PYTHON ?= python3
 GPU_SITE ?= /tmp/eopd-gpu-site
 GPU_TESTS ?= tests/test_gpu_path_rules.py tests/test_multirank_harness.py tests/test_platform.py \
 	tests/test_config.py tests/test_qwen3_architecture.py tests/test_convert_tools.py tests/test_qwen3_multirank.py \
-	tests/test_objective_units.py tests/test_objective_reference.py tests/test_examples.py tests/test_bench_loss.py
+	tests/test_objective_units.py tests/test_objective_reference.py tests/test_examples.py tests/test_bench_loss.py \
+	tests/test_triton_kernels.py tests/test_bench_model.py
 test-gpu:
 	$(GPU_PYTHON) -c "import sys, torch; assert sys.version_info >= (3, 12), sys.version; \
 		assert torch.cuda.is_available(), 'test-gpu needs a CUDA device'; print('torch', torch.__version__)"
@@ -68,7 +69,8 @@ test-gpu:
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target $(GPU_SITE) .
 	PYTHONPATH=$(GPU_SITE) EOPD_MULTIRANK_DEVICE=cuda EOPD_MULTIRANK_WORLD_SIZE=$$(nvidia-smi -L | wc -l) \
 		$(GPU_PYTHON) -m pytest $(GPU_TESTS) -k "not modelopt" $(PYTEST_ARGS)
-	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_loss.py --device cuda --tokens 8192,16384,32768,65536
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_loss.py --device cuda --tokens 8192,16384,32768,65536 --kernels torch,triton
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_model.py --device cuda
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache
