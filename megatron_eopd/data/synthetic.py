@@ -11,7 +11,7 @@ task models.
 Why this shape (measured on the 2-core machine, 2-layer models, batch 32, Avg@4 at T=1, top-p 0.8):
 combining any two of the remaining numbers, partial sums included, took a 4-layer teacher 500 SFT
 iterations to reach 0.43; with the running-total form and distinct digits a 2-layer teacher reaches
-0.8-0.9 in 1,500, and a smaller student learns it fast enough to be distilled within minutes.
+0.94 in 1,500, and a smaller student learns it fast enough to be distilled within minutes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ SOURCE = "synthetic:arith"
 MIN_OPERANDS = 4
 MAX_OPERANDS = 5
 MAX_OPERAND = 9  # operands are distinct digits 0..MAX_OPERAND
-# About one multiset of operands in TEST_BUCKETS goes to the test split (by a hash, so stable).
+# About one set of operands in TEST_BUCKETS goes to the test split (by a hash, so stable).
 TEST_BUCKETS = 8
 
 STEP_SEP = ","
