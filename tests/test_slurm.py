@@ -304,15 +304,8 @@ echo "finished restart=${SLURM_RESTART_COUNT}" >> runs.txt
         assert time.monotonic() < deadline, "the job did not start"
         time.sleep(0.2)
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job_id])
-    # Slurm holds a requeued job back (BeginTime, about two minutes); release it at once.
-    deadline = time.monotonic() + 60
-    while True:
-        info = slurm_cluster.job(job_id)
-        if info.restarts >= 1 and info.state == "PENDING" and info.fields.get("Reason") == "BeginTime":
-            break
-        assert time.monotonic() < deadline, f"not requeued: {info.fields}"
-        time.sleep(0.3)
-    slurm_cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    # Slurm holds a requeued job back (BeginTime, about two minutes); release it once the first run is gone.
+    slurm_cluster.release_requeued(job_id, timeout_s=60)
     info = slurm_cluster.wait(job_id, timeout_s=120)
     assert (info.state, info.exit_code, info.restarts) == ("COMPLETED", "0:0", 1), info.fields
     assert (tmp_path / "runs.txt").read_text().splitlines() == [
@@ -358,15 +351,10 @@ def test_tiny_job_requeued_by_the_launcher_resumes(slurm_cluster, tmp_path):
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.5)
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job_id])
-    deadline = time.monotonic() + 120
-    while True:
-        info = slurm_cluster.job(job_id)
-        if info.restarts >= 1 and info.state == "PENDING" and info.fields.get("Reason") == "BeginTime":
-            break
-        assert info.restarts >= 1 or not info.finished, f"not requeued: {info.fields}\n{log_path.read_text()}"
-        assert time.monotonic() < deadline, f"not requeued: {info.fields}"
-        time.sleep(0.3)
-    slurm_cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    try:
+        slurm_cluster.release_requeued(job_id, timeout_s=120)
+    except (RuntimeError, TimeoutError) as err:
+        pytest.fail(f"{err}\n{log_path.read_text()}")
     info = slurm_cluster.wait(job_id, timeout_s=TINY_TIMEOUT_S, poll_s=3)
     log = log_path.read_text()
     assert (info.state, info.exit_code, info.restarts) == ("COMPLETED", "0:0", 1), f"{info.fields}\n{log}"

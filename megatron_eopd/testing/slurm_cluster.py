@@ -344,6 +344,32 @@ class LocalSlurm:
                        exit_code=fields.get("ExitCode", "?"),
                        restarts=int(fields.get("Restarts", "0") or 0), fields=fields)
 
+    def release_requeued(self, job_id: str, timeout_s: float = 120.0) -> JobInfo:
+        """Wait until ``job_id`` is requeued and its first run has left the node, then start it now.
+
+        Slurm holds a requeued job back (``Reason=BeginTime``, about two minutes) partly so the old
+        run's step daemons can finish; releasing it earlier can launch the new batch script while
+        ``slurmstepd`` of the old one still tears down, and slurmd then fails the launch (exit 1,
+        no output).  So this waits for every ``slurmstepd: [JOB.*]`` process to be gone first.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self.job(job_id)
+            if info.restarts >= 1 and info.state == "PENDING" and info.fields.get("Reason") == "BeginTime":
+                break
+            if info.finished and info.restarts == 0:
+                raise RuntimeError(f"job {job_id} ended without being requeued: {info.fields}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} not requeued after {timeout_s:.0f} s: {info.fields}")
+            time.sleep(0.3)
+        step_pattern = rf"slurmstepd: \[{job_id}\."
+        while subprocess.run(["pgrep", "-f", step_pattern], capture_output=True).returncode == 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the first run of job {job_id} still has step daemons after {timeout_s:.0f} s")
+            time.sleep(0.3)
+        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        return self.job(job_id)
+
     def wait(self, job_id: str, timeout_s: float, poll_s: float = 1.0) -> JobInfo:
         """Poll ``scontrol show job`` until the job reaches a final state (no accounting needed)."""
         deadline = time.monotonic() + timeout_s
