@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .teacher_stats import TeacherTokenStats, compute_teacher_stats
-from .vocab_parallel import compute_dtype, vocab_parallel_token_terms
+from .vocab_parallel import TokenTerms, compute_dtype, vocab_parallel_token_terms
 
 GATES = ("hard", "ramp", "sigmoid")
 FKL_MODES = ("topk", "full", "off")
@@ -152,46 +152,12 @@ def eopd_loss(
     config = EOPDLossConfig() if config is None else config
     vocab_shard = student_logits.shape[-1]
     logits = student_logits.reshape(-1, vocab_shard)
-    tokens = logits.shape[0]
     ids = sampled_ids.reshape(-1).to(torch.int64)
     mask = response_mask.reshape(-1)
-    if ids.numel() != tokens or mask.numel() != tokens:
-        raise ValueError(
-            f"sampled_ids ({ids.numel()}) and response_mask ({mask.numel()}) must have one entry per"
-            f" token of the logits ({tokens})"
-        )
-    if config.needs_teacher_logits and teacher_logits is None:
-        raise ValueError(
-            f"fkl_mode={config.fkl_mode!r} / rkl_mode={config.rkl_mode!r} need teacher_logits shards"
-        )
-    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher logits shard {tuple(teacher_logits.shape)} must match the student's"
-            f" {tuple(student_logits.shape)} (same tokens and vocab partition; pad both vocabularies alike)"
-        )
+    _check_shapes(student_logits, ids, mask, teacher_logits, config)
     teacher_shard = None if teacher_logits is None else teacher_logits.reshape(-1, vocab_shard)
     shard_kwargs = dict(vocab_start=vocab_start, true_vocab_size=true_vocab_size, chunk_tokens=config.chunk_tokens)
-    if teacher is None:
-        if teacher_shard is None:
-            raise ValueError("pass teacher statistics or teacher_logits")
-        teacher = compute_teacher_stats(
-            teacher_shard,
-            ids,
-            group,
-            topk=config.topk if config.fkl_mode == "topk" else 0,
-            response_mask=mask,
-            temperature=config.teacher_temperature,
-            **shard_kwargs,
-        )
-    if teacher.num_tokens != tokens:
-        raise ValueError(f"teacher statistics cover {teacher.num_tokens} tokens, the logits {tokens}")
-    if teacher.temperature != config.teacher_temperature:
-        raise ValueError(
-            f"teacher statistics were computed at temperature {teacher.temperature}, the config says"
-            f" {config.teacher_temperature}"
-        )
-    if config.fkl_mode == "topk" and teacher.topk < config.topk:
-        raise ValueError(f"fkl_mode='topk' with topk={config.topk} needs teacher top-{config.topk}, got {teacher.topk}")
+    teacher = _teacher_statistics(teacher, teacher_shard, ids, mask, group, config, shard_kwargs)
 
     rows = mask.nonzero().view(-1)
     dtype = compute_dtype(logits.dtype)
@@ -213,45 +179,10 @@ def eopd_loss(
         teacher_temperature=config.teacher_temperature,
         **shard_kwargs,
     )
-    logq_sampled = terms.logprobs[:, 0]
     teacher_entropy = stats.entropy.to(dtype)
-    teacher_logp_sampled = stats.sampled_logprob.to(dtype)
 
-    # Reverse-KL term.
-    clip_active = None
-    if config.rkl_mode == "sampled_pg":
-        if old_logprobs is None:
-            logq_old = logq_sampled.detach()
-        else:
-            logq_old = old_logprobs.reshape(-1).index_select(0, rows).to(dtype)
-        advantage = (teacher_logp_sampled - logq_old).detach()
-        ratio = torch.exp(logq_sampled - logq_old)
-        unclipped = -ratio * advantage
-        clipped = -ratio.clamp(1.0 - config.clip_eps_low, 1.0 + config.clip_eps_high) * advantage
-        rkl_per_token = torch.maximum(unclipped, clipped)
-        clip_active = (clipped > unclipped).to(dtype)
-    elif config.rkl_mode == "analytic":
-        rkl_per_token = terms.reverse_kl
-    else:
-        rkl_per_token = logq_sampled.new_zeros(rows.numel())
-
-    # Forward-KL term (computed for the diagnostics even when it is off, if top-k is at hand).
-    fkl_per_token = None
-    topk_mass = None
-    if config.fkl_mode == "full":
-        fkl_per_token = terms.forward_kl
-    elif k:
-        teacher_topk_logp = stats.topk_logprobs[:, :k].to(dtype)
-        topk_mass = teacher_topk_logp.exp().sum(dim=-1)
-        renorm_logp = teacher_topk_logp - teacher_topk_logp.logsumexp(dim=-1, keepdim=True)
-        renorm_p = renorm_logp.exp()
-        student_topk_logq = terms.logprobs[:, 1 : 1 + k]
-        if config.fkl_mode == "off":
-            student_topk_logq = student_topk_logq.detach()
-        # p~ = 0 entries (top-k reaching -inf logits) contribute 0, not 0 * inf.
-        pointwise = torch.where(renorm_p > 0, renorm_p * (renorm_logp - student_topk_logq), 0.0)
-        fkl_per_token = pointwise.sum(dim=-1)
-
+    rkl_per_token, clip_active = _reverse_kl_term(terms, stats, old_logprobs, rows, config, dtype)
+    fkl_per_token, topk_mass = _forward_kl_term(terms, stats, k, config, dtype)
     gate = entropy_gate(teacher_entropy, config)
     loss_per_token = rkl_per_token
     fkl_weighted = None
@@ -260,30 +191,127 @@ def eopd_loss(
         fkl_weighted = torch.where(gate > 0, config.alpha * gate * fkl_per_token, 0.0)
         loss_per_token = loss_per_token + fkl_weighted
 
-    if num_valid_tokens is None:
-        normaliser = float(rows.numel())
-    elif isinstance(num_valid_tokens, Tensor):
-        normaliser = num_valid_tokens.detach().to(dtype)
-    else:
-        normaliser = float(num_valid_tokens)
-    if isinstance(normaliser, Tensor):
-        normaliser = normaliser.clamp_min(1.0)
-    else:
-        normaliser = max(normaliser, 1.0)
+    normaliser = _normaliser(num_valid_tokens, rows.numel(), dtype)
     loss = loss_per_token.sum() / normaliser
+    metrics = _metrics(loss, normaliser, terms, stats, config, dtype, gate=gate, rkl_per_token=rkl_per_token,
+                       fkl_per_token=fkl_per_token, fkl_weighted=fkl_weighted, clip_active=clip_active,
+                       topk_mass=topk_mass)
+    return loss, metrics
 
+
+def _check_shapes(student_logits: Tensor, ids: Tensor, mask: Tensor, teacher_logits: Optional[Tensor],
+                  config: EOPDLossConfig) -> None:
+    tokens = student_logits.numel() // student_logits.shape[-1]
+    if ids.numel() != tokens or mask.numel() != tokens:
+        raise ValueError(
+            f"sampled_ids ({ids.numel()}) and response_mask ({mask.numel()}) must have one entry per"
+            f" token of the logits ({tokens})"
+        )
+    if config.needs_teacher_logits and teacher_logits is None:
+        raise ValueError(
+            f"fkl_mode={config.fkl_mode!r} / rkl_mode={config.rkl_mode!r} need teacher_logits shards"
+        )
+    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits shard {tuple(teacher_logits.shape)} must match the student's"
+            f" {tuple(student_logits.shape)} (same tokens and vocab partition; pad both vocabularies alike)"
+        )
+
+
+def _teacher_statistics(teacher: Optional[TeacherTokenStats], teacher_shard: Optional[Tensor], ids: Tensor,
+                        mask: Tensor, group: Any, config: EOPDLossConfig, shard_kwargs: dict) -> TeacherTokenStats:
+    """The given statistics, checked against the config, or those of ``teacher_shard``."""
+    if teacher is None:
+        if teacher_shard is None:
+            raise ValueError("pass teacher statistics or teacher_logits")
+        teacher = compute_teacher_stats(
+            teacher_shard,
+            ids,
+            group,
+            topk=config.topk if config.fkl_mode == "topk" else 0,
+            response_mask=mask,
+            temperature=config.teacher_temperature,
+            **shard_kwargs,
+        )
+    if teacher.num_tokens != ids.numel():
+        raise ValueError(f"teacher statistics cover {teacher.num_tokens} tokens, the logits {ids.numel()}")
+    if teacher.temperature != config.teacher_temperature:
+        raise ValueError(
+            f"teacher statistics were computed at temperature {teacher.temperature}, the config says"
+            f" {config.teacher_temperature}"
+        )
+    if config.fkl_mode == "topk" and teacher.topk < config.topk:
+        raise ValueError(f"fkl_mode='topk' with topk={config.topk} needs teacher top-{config.topk}, got {teacher.topk}")
+    return teacher
+
+
+def _reverse_kl_term(terms: TokenTerms, stats: TeacherTokenStats, old_logprobs: Optional[Tensor], rows: Tensor,
+                     config: EOPDLossConfig, dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
+    """Per valid token: the RKL term and, for the PPO-clipped estimator, where the clip binds."""
+    logq_sampled = terms.logprobs[:, 0]
+    if config.rkl_mode == "analytic":
+        return terms.reverse_kl, None
+    if config.rkl_mode == "off":
+        return logq_sampled.new_zeros(rows.numel()), None
+    if old_logprobs is None:
+        logq_old = logq_sampled.detach()
+    else:
+        logq_old = old_logprobs.reshape(-1).index_select(0, rows).to(dtype)
+    advantage = (stats.sampled_logprob.to(dtype) - logq_old).detach()
+    ratio = torch.exp(logq_sampled - logq_old)
+    unclipped = -ratio * advantage
+    clipped = -ratio.clamp(1.0 - config.clip_eps_low, 1.0 + config.clip_eps_high) * advantage
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).to(dtype)
+
+
+def _forward_kl_term(terms: TokenTerms, stats: TeacherTokenStats, k: int, config: EOPDLossConfig,
+                     dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Per valid token: the FKL (computed for the diagnostics even when it is off, if top-k is at
+    hand; detached then) and the teacher's probability mass on its top-k."""
+    if config.fkl_mode == "full":
+        return terms.forward_kl, None
+    if not k:
+        return None, None
+    teacher_topk_logp = stats.topk_logprobs[:, :k].to(dtype)
+    topk_mass = teacher_topk_logp.exp().sum(dim=-1)
+    renorm_logp = teacher_topk_logp - teacher_topk_logp.logsumexp(dim=-1, keepdim=True)
+    renorm_p = renorm_logp.exp()
+    student_topk_logq = terms.logprobs[:, 1 : 1 + k]
+    if config.fkl_mode == "off":
+        student_topk_logq = student_topk_logq.detach()
+    # p~ = 0 entries (top-k reaching -inf logits) contribute 0, not 0 * inf.
+    pointwise = torch.where(renorm_p > 0, renorm_p * (renorm_logp - student_topk_logq), 0.0)
+    return pointwise.sum(dim=-1), topk_mass
+
+
+def _normaliser(num_valid_tokens: Union[int, float, Tensor, None], local_valid: int,
+                dtype: torch.dtype) -> Union[float, Tensor]:
+    """N of ``loss = sum / N``, at least 1 (an all-masked batch gives loss 0, not NaN)."""
+    if num_valid_tokens is None:
+        return max(float(local_valid), 1.0)
+    if isinstance(num_valid_tokens, Tensor):
+        return num_valid_tokens.detach().to(dtype).clamp_min(1.0)
+    return max(float(num_valid_tokens), 1.0)
+
+
+def _metrics(loss: Tensor, normaliser: Union[float, Tensor], terms: TokenTerms, stats: TeacherTokenStats,
+             config: EOPDLossConfig, dtype: torch.dtype, *, gate: Tensor, rkl_per_token: Tensor, fkl_per_token: Optional[Tensor],
+             fkl_weighted: Optional[Tensor], clip_active: Optional[Tensor],
+             topk_mass: Optional[Tensor]) -> dict[str, Tensor]:
+    """Detached scalar diagnostics over this call's valid tokens."""
+    teacher_entropy = stats.entropy.to(dtype)
     above_tau = (teacher_entropy > config.tau).to(dtype)
     zero = loss.new_zeros(()).detach()
     metrics = {
         "loss": loss.detach(),
         "loss_rkl": (rkl_per_token.detach().sum() / normaliser),
         "loss_fkl": zero if fkl_weighted is None else fkl_weighted.detach().sum() / normaliser,
-        "num_valid_tokens": torch.tensor(float(rows.numel()), dtype=dtype, device=loss.device),
+        "num_valid_tokens": torch.tensor(float(teacher_entropy.numel()), dtype=dtype, device=loss.device),
         "teacher_entropy": _mean(teacher_entropy),
         "student_entropy": _mean(terms.entropy),
         "gate_fraction": _mean(above_tau),
         "gate_weight": _mean(gate),
-        "rkl_estimate": _mean(logq_sampled - teacher_logp_sampled),
+        "rkl_estimate": _mean(terms.logprobs[:, 0] - stats.sampled_logprob.to(dtype)),
         "clip_fraction": zero if clip_active is None else _mean(clip_active),
     }
     if fkl_per_token is not None:
@@ -293,4 +321,4 @@ def eopd_loss(
         metrics["teacher_topk_mass"] = _mean(topk_mass)
     if config.rkl_mode == "analytic":
         metrics["rkl_exact"] = _mean(terms.reverse_kl)
-    return loss, metrics
+    return metrics
