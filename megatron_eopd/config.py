@@ -16,10 +16,12 @@ from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 
+from megatron_eopd.errors import EOPDError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(EOPDError, ValueError):
     """A configuration value or key is invalid; the message names the dotted key."""
 
 

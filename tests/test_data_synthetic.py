@@ -203,9 +203,9 @@ def test_vllm_serves_a_task_model_with_the_hf_models_log_probs(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_eopd.rollout import (
-        RolloutConfig, SamplingSettings, create_rollout_engine, hf_sequence_logprobs, vllm_importable,
-    )
+    from megatron_eopd.rollout import RolloutConfig, SamplingSettings, create_rollout_engine
+    from megatron_eopd.rollout.engine import vllm_importable
+    from megatron_eopd.rollout.parity import hf_sequence_logprobs
 
     if not vllm_importable():
         pytest.skip("vllm is not importable in this environment")

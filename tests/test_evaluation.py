@@ -422,7 +422,7 @@ def test_the_script_exits_2_on_bad_input(tiny_hf, tmp_path):
 
 @pytest.mark.vllm
 def test_cli_with_the_vllm_engine(tiny_hf, shared_data, tmp_path):
-    from megatron_eopd.rollout import vllm_importable
+    from megatron_eopd.rollout.engine import vllm_importable
 
     if not vllm_importable():
         pytest.skip("vllm is not importable in this environment")

@@ -20,10 +20,10 @@ from megatron_eopd.objective import (
     eopd_loss,
     vocab_parallel_entropy,
     vocab_parallel_kl,
-    vocab_parallel_log_softmax_stats,
     vocab_parallel_logprobs,
     vocab_parallel_topk,
 )
+from megatron_eopd.objective.vocab_parallel import vocab_parallel_log_softmax_stats
 from megatron_eopd.testing.multirank import multirank_check
 
 TOL = dict(rtol=1e-10, atol=1e-10)

@@ -13,9 +13,9 @@ from megatron_eopd.objective import (
     compute_teacher_stats,
     entropy_gate,
     eopd_loss,
-    vocab_parallel_token_terms,
     vocab_parallel_topk,
 )
+from megatron_eopd.objective.vocab_parallel import vocab_parallel_token_terms
 
 
 def _case(tokens=12, vocab=40, seed=0):

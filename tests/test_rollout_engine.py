@@ -17,9 +17,9 @@ from megatron_eopd.rollout import (
     RolloutEngineUnavailableError,
     SamplingSettings,
     create_rollout_engine,
-    hf_sequence_logprobs,
-    vllm_importable,
 )
+from megatron_eopd.rollout.engine import vllm_importable
+from megatron_eopd.rollout.parity import hf_sequence_logprobs
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
 LOGPROB_ATOL = 1e-3  # fp32 on both sides; observed ~2e-6

@@ -94,7 +94,8 @@ def student(converted):
 
 @pytest.fixture(scope="module")
 def engine(converted, tmp_path_factory):
-    from megatron_eopd.rollout import create_rollout_engine, vllm_importable
+    from megatron_eopd.rollout import create_rollout_engine
+    from megatron_eopd.rollout.engine import vllm_importable
 
     if not vllm_importable():
         pytest.skip("vllm is not importable in this environment")
@@ -113,13 +114,13 @@ def syncer(engine):
 
 @pytest.fixture(scope="module")
 def probe_seqs(engine):
-    from megatron_eopd.rollout import probe_sequences
+    from megatron_eopd.rollout.parity import probe_sequences
 
     return probe_sequences(engine.config.parity, 301)
 
 
 def _megatron_logprobs(student, sequences):
-    from megatron_eopd.rollout import megatron_sequence_logprobs
+    from megatron_eopd.rollout.parity import megatron_sequence_logprobs
 
     return megatron_sequence_logprobs(student, sequences)
 
@@ -168,7 +169,7 @@ def test_vllm_sampled_logprobs_match_megatron_on_the_converted_student(engine, s
 
 @pytest.mark.vllm
 def test_probe_passes_before_any_training(engine, student, probe_seqs):
-    from megatron_eopd.rollout import check_parity
+    from megatron_eopd.rollout.parity import check_parity
 
     report = check_parity(
         engine,
@@ -186,7 +187,8 @@ def test_probe_passes_before_any_training(engine, student, probe_seqs):
 @pytest.mark.vllm
 def test_memory_sync_after_an_optimizer_step(engine, student, syncer, probe_seqs):
     from megatron_eopd.models.qwen3 import expected_hf_shapes
-    from megatron_eopd.rollout import ParityProbeError, check_parity
+    from megatron_eopd.rollout import ParityProbeError
+    from megatron_eopd.rollout.parity import check_parity
 
     before = engine.score(probe_seqs)
     _optimizer_step(student)
@@ -394,8 +396,8 @@ def test_tp2pp2_student_exports_for_vllm(ctx):
         iter_hf_weights,
         load_hf_weights,
     )
-    from megatron_eopd.rollout import (
-        ParityProbeConfig,
+    from megatron_eopd.rollout import ParityProbeConfig
+    from megatron_eopd.rollout.parity import (
         compare_logprobs,
         hf_sequence_logprobs,
         megatron_sequence_logprobs,
@@ -505,7 +507,7 @@ def test_tp2pp2_syncer_orchestrates_all_ranks(ctx):
 @pytest.mark.vllm
 def test_vllm_takes_the_tp2pp2_students_weights_both_ways(engine, student, syncer, multirank_results):
     from megatron_eopd.checkpoint import HFSafetensors
-    from megatron_eopd.rollout import check_parity
+    from megatron_eopd.rollout.parity import check_parity
 
     spec = next(
         (s for s in multirank_results.specs if s.function_name == "test_tp2pp2_student_exports_for_vllm"),

@@ -61,11 +61,9 @@ def _bench_size(name: str, args, workdir: Path) -> list[dict]:
         RolloutConfig,
         SamplingSettings,
         WeightSyncer,
-        check_parity,
         create_rollout_engine,
-        megatron_sequence_logprobs,
-        probe_sequences,
     )
+    from megatron_eopd.rollout.parity import check_parity, megatron_sequence_logprobs, probe_sequences
     from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
 
     dtype = getattr(torch, args.dtype)

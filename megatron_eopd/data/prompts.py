@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from megatron_eopd.errors import EOPDError
+
 SYNTHETIC_PREFIX = "synthetic:"
 
 
-class DataError(ValueError):
+class DataError(EOPDError, ValueError):
     """Prompt data that cannot be used as given; the message names the file, line and problem."""
 
 

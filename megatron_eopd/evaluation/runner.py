@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from megatron_eopd.data import DataError, PromptRecord, grade_answer, load_prompt_records, qwen3_templates
+from megatron_eopd.errors import EOPDError
 from megatron_eopd.evaluation import metrics as M
 
 log = logging.getLogger("megatron_eopd.evaluation")
@@ -49,7 +50,7 @@ TRAINER_STATE = "trainer_state.json"  # megatron_eopd.trainer.state.STATE_NAME
 NAME_PLACEHOLDER = "{name}"
 
 
-class EvalInputError(ValueError):
+class EvalInputError(EOPDError, ValueError):
     """An input the evaluation cannot use as given; the message names it."""
 
 

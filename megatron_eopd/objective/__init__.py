@@ -6,40 +6,20 @@
 - :mod:`.eopd_loss`: the loss, its config and its diagnostics.
 """
 
-from .eopd_loss import FKL_MODES, GATES, RKL_MODES, EOPDLossConfig, entropy_gate, eopd_loss
+from .eopd_loss import EOPDLossConfig, entropy_gate, eopd_loss
 from .teacher_stats import TeacherTokenStats, compute_teacher_stats
-from .vocab_parallel import (
-    DistributionSummary,
-    LogSoftmaxStats,
-    TokenTerms,
-    VocabShard,
-    vocab_parallel_entropy,
-    vocab_parallel_kl,
-    vocab_parallel_log_softmax_stats,
-    vocab_parallel_logprobs,
-    vocab_parallel_summary,
-    vocab_parallel_token_terms,
-    vocab_parallel_topk,
-)
+from .vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprobs, vocab_parallel_topk
 
+# The loss and the teacher statistics (what the README shows) and the vocab-parallel primitives
+# users call on their own logits; building blocks stay in their modules.
 __all__ = [
     "EOPDLossConfig",
-    "FKL_MODES",
-    "GATES",
-    "RKL_MODES",
     "entropy_gate",
     "eopd_loss",
     "TeacherTokenStats",
     "compute_teacher_stats",
-    "DistributionSummary",
-    "LogSoftmaxStats",
-    "TokenTerms",
-    "VocabShard",
     "vocab_parallel_entropy",
     "vocab_parallel_kl",
-    "vocab_parallel_log_softmax_stats",
     "vocab_parallel_logprobs",
-    "vocab_parallel_summary",
-    "vocab_parallel_token_terms",
     "vocab_parallel_topk",
 ]

@@ -12,21 +12,13 @@ from megatron_eopd.rollout.engine import (
     RolloutResult,
     RolloutSample,
     SamplingSettings,
-    WeightLoadReport,
     create_rollout_engine,
-    vllm_importable,
 )
-from megatron_eopd.rollout.parity import (
-    ParityProbeError,
-    ParityReport,
-    check_parity,
-    compare_logprobs,
-    hf_sequence_logprobs,
-    megatron_sequence_logprobs,
-    probe_sequences,
-)
+from megatron_eopd.rollout.parity import ParityProbeError, ParityReport
 from megatron_eopd.rollout.weight_sync import SyncReport, WeightSyncer, WeightSyncError
 
+# Engines, their settings and results, and the weight sync with its probe's report; the probe's
+# building blocks (probe sequences, per-route log-probs, comparisons) stay in .parity.
 __all__ = [
     "ParityProbeConfig",
     "ParityProbeError",
@@ -39,14 +31,7 @@ __all__ = [
     "RolloutSample",
     "SamplingSettings",
     "SyncReport",
-    "WeightLoadReport",
     "WeightSyncError",
     "WeightSyncer",
-    "check_parity",
-    "compare_logprobs",
     "create_rollout_engine",
-    "hf_sequence_logprobs",
-    "megatron_sequence_logprobs",
-    "probe_sequences",
-    "vllm_importable",
 ]

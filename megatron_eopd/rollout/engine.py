@@ -24,12 +24,14 @@ from typing import Iterable, Literal, Optional, Sequence, Union
 
 import torch
 
+from megatron_eopd.errors import EOPDError
+
 FinishReason = Literal["stop", "length"]
 EngineName = Literal["vllm", "hf"]
 LogprobsMode = Literal["raw", "processed"]
 
 
-class RolloutEngineUnavailableError(RuntimeError):
+class RolloutEngineUnavailableError(EOPDError, RuntimeError):
     """The configured rollout engine cannot be created here (e.g. vLLM asked for but not importable)."""
 
 

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from megatron_eopd.errors import EOPDError
 from megatron_eopd.models.chunks import as_chunk_list, unwrap_model
 from megatron_eopd.models.forward import MicroBatch, last_stage_group_source, run_micro_batches
 from megatron_eopd.rollout.engine import ParityProbeConfig, RolloutEngine
@@ -51,7 +52,7 @@ class ParityReport:
         )
 
 
-class ParityProbeError(RuntimeError):
+class ParityProbeError(EOPDError, RuntimeError):
     """The engine's log-probs disagree with the Megatron student's beyond tolerance: the sync is wrong."""
 
     def __init__(self, report: ParityReport):

@@ -32,8 +32,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 
 from megatron_eopd.checkpoint.hf_writer import write_hf_directory
+from megatron_eopd.errors import EOPDError
 from megatron_eopd.models.chunks import as_chunk_list, unwrap_model
-from megatron_eopd.models.qwen3 import Qwen3Arch, expected_hf_shapes, iter_hf_weights, parse_hf_config
+from megatron_eopd.models.qwen3 import Qwen3Arch, as_arch, expected_hf_shapes, iter_hf_weights
 from megatron_eopd.models.qwen3.architecture import load_hf_config
 from megatron_eopd.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings, WeightLoadReport
 from megatron_eopd.rollout.parity import (
@@ -50,7 +51,7 @@ Exporter = Callable[..., Iterator[tuple[str, torch.Tensor]]]
 PROBE_BLOCK_MARGIN = 8
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(EOPDError, RuntimeError):
     """A sync did not update every engine parameter, or the engine refused the weights."""
 
 
@@ -134,7 +135,7 @@ class WeightSyncer:
 
     def _arch(self, model_chunks: Any) -> Qwen3Arch:
         if self.hf_config is not None:
-            return self.hf_config if isinstance(self.hf_config, Qwen3Arch) else parse_hf_config(self.hf_config)
+            return as_arch(self.hf_config)
         arch = getattr(unwrap_model(as_chunk_list(model_chunks)[0]), "eopd_arch", None)
         if arch is None:
             raise ValueError("pass hf_config to WeightSyncer: the model was not built by build_qwen3_gpt")

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from megatron_eopd.errors import EOPDError
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "sinfo", "squeue", "scancel", "srun")
 APT_PACKAGES = ("slurm-wlm", "munge")
@@ -40,7 +42,7 @@ FINAL_STATES = frozenset(
 )
 
 
-class SlurmUnavailable(RuntimeError):
+class SlurmUnavailable(EOPDError, RuntimeError):
     """Slurm cannot be brought up on this machine; the message says why (tests skip on it)."""
 
 

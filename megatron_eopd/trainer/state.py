@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_eopd.checkpoint.hf_writer import copy_side_files
 from megatron_eopd.checkpoint.mcore_dist import HF_SUBDIR, RELEASE, dtype_name, write_checkpoint_meta
+from megatron_eopd.errors import EOPDError
 from megatron_eopd.models.chunks import unwrap_model
 from megatron_eopd.models.qwen3.architecture import DEFAULT_VOCAB_DIVISOR
 
@@ -36,7 +37,7 @@ LATEST = "latest"
 STATE_NAME = "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EOPDError, RuntimeError):
     """A checkpoint cannot be read or does not fit this run."""
 
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_eopd.errors import EOPDError
 from megatron_eopd.models.forward import MicroBatch, run_micro_batches
 from megatron_eopd.objective import EOPDLossConfig, eopd_loss, vocab_parallel_logprobs
 from megatron_eopd.platform import collective_device
@@ -26,7 +27,7 @@ from megatron_eopd.trainer.teacher import TeacherOutputs
 LOSS_TERMS = ("loss_rkl", "loss_fkl")
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(EOPDError, FloatingPointError):
     """A loss term or gradient is NaN or infinite; the weights were not updated."""
 
 

@@ -5,6 +5,7 @@ from megatron_eopd.models.qwen3.architecture import (
     IncompatibleModelsError,
     Qwen3Arch,
     UnsupportedArchitectureError,
+    as_arch,
     check_teacher_student_compatible,
     padded_vocab_size,
     parse_hf_config,
@@ -20,7 +21,11 @@ from megatron_eopd.models.qwen3.mapping import (
     load_hf_weights,
     validate_hf_tensor_set,
 )
-from megatron_eopd.models.qwen3.model import build_qwen3_gpt, default_layer_spec_name, qwen3_transformer_config
+from megatron_eopd.models.qwen3.model import (
+    build_qwen3_gpt,
+    default_layer_spec_name,
+    qwen3_transformer_config,
+)
 
 __all__ = [
     "QWEN3_MAPPING",
@@ -28,6 +33,7 @@ __all__ = [
     "IncompatibleModelsError",
     "MappingError",
     "Qwen3Arch",
+    "as_arch",
     "UnsupportedArchitectureError",
     "WeightMapping",
     "build_qwen3_gpt",

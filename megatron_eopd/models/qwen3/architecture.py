@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from megatron_eopd.errors import EOPDError
+
 HF_ARCHITECTURE = "Qwen3ForCausalLM"
 HF_MODEL_TYPE = "qwen3"
 
@@ -20,11 +22,11 @@ HF_MODEL_TYPE = "qwen3"
 DEFAULT_VOCAB_DIVISOR = 128
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(EOPDError, ValueError):
     """The HF config is not a Qwen3 model this code can represent exactly."""
 
 
-class IncompatibleModelsError(ValueError):
+class IncompatibleModelsError(EOPDError, ValueError):
     """Teacher and student cannot be paired (e.g. different vocabularies)."""
 
 
@@ -138,6 +140,11 @@ def load_hf_config(source: Union[str, Path, Mapping[str, Any], Any]) -> dict:
         raise UnsupportedArchitectureError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def as_arch(config: Union["Qwen3Arch", str, Path, Mapping[str, Any], Any]) -> "Qwen3Arch":
+    """``config`` itself when it is a :class:`Qwen3Arch`, else :func:`parse_hf_config` of it."""
+    return config if isinstance(config, Qwen3Arch) else parse_hf_config(config)
+
+
 def parse_hf_config(source: Union[str, Path, Mapping[str, Any], Any]) -> Qwen3Arch:
     """Validate a ``Qwen3ForCausalLM`` config and return its :class:`Qwen3Arch`.
 
@@ -225,8 +232,7 @@ def check_teacher_student_compatible(student: Any, teacher: Any) -> None:
     distillation compares distributions over the same ids, so the vocabularies (and hence the
     logits' width) must be identical; real Qwen checkpoints ship 151,936 and 152,064.
     """
-    s = student if isinstance(student, Qwen3Arch) else parse_hf_config(student)
-    t = teacher if isinstance(teacher, Qwen3Arch) else parse_hf_config(teacher)
+    s, t = as_arch(student), as_arch(teacher)
     if s.vocab_size != t.vocab_size:
         raise IncompatibleModelsError(
             f"teacher and student vocabularies differ: student vocab_size={s.vocab_size}, "

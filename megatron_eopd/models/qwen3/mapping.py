@@ -28,12 +28,13 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
+from megatron_eopd.errors import EOPDError
 from megatron_eopd.models.chunks import as_chunk_list, unwrap_model
 from megatron_eopd.models.qwen3.architecture import (
     DEFAULT_VOCAB_DIVISOR,
     Qwen3Arch,
+    as_arch,
     padded_vocab_size,
-    parse_hf_config,
 )
 
 # How a tensor is split across tensor-parallel ranks.
@@ -96,7 +97,7 @@ _LAYER_PREFIX = "decoder.layers."
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-class MappingError(ValueError):
+class MappingError(EOPDError, ValueError):
     """Tensors do not match the architecture (missing, extra, or wrong shape)."""
 
 
@@ -262,7 +263,7 @@ def hf_to_megatron_shard(
     :class:`megatron_eopd.checkpoint.HFSafetensors`) since only this stage's tensors are read.
     Layers are split evenly across stages, as Megatron does by default.
     """
-    arch = hf_config if isinstance(hf_config, Qwen3Arch) else parse_hf_config(hf_config)
+    arch = as_arch(hf_config)
     if arch.num_layers % pp_size:
         raise ValueError(f"PP={pp_size} does not divide num_hidden_layers={arch.num_layers}")
     per_stage = arch.num_layers // pp_size
@@ -294,7 +295,7 @@ def _chunk_layer_spec(model: Any) -> str:
 
 def _chunk_arch(model: Any, hf_config: Any) -> Qwen3Arch:
     if hf_config is not None:
-        return hf_config if isinstance(hf_config, Qwen3Arch) else parse_hf_config(hf_config)
+        return as_arch(hf_config)
     arch = getattr(model, "eopd_arch", None)
     if arch is None:
         raise ValueError("pass hf_config: this model was not built by build_qwen3_gpt")

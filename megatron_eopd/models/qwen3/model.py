@@ -9,8 +9,8 @@ import torch
 from megatron_eopd.models.qwen3.architecture import (
     DEFAULT_VOCAB_DIVISOR,
     Qwen3Arch,
+    as_arch,
     padded_vocab_size,
-    parse_hf_config,
     validate_parallelism,
 )
 from megatron_eopd.platform import mcore_compat
@@ -169,7 +169,7 @@ def build_qwen3_gpt(
 
     from megatron_eopd.platform import distributed as platform_dist
 
-    arch = hf_config if isinstance(hf_config, Qwen3Arch) else parse_hf_config(hf_config)
+    arch = as_arch(hf_config)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     padded = padded_vocab_size(arch.vocab_size, tp, vocab_divisor)
