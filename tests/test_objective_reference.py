@@ -392,3 +392,123 @@ def test_full_vocab_kl_matches_modelopt(ctx):
             scale = float(a.abs().max())
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * scale,
                                        msg=lambda m: f"{direction} KL {what} vs modelopt (max |x| {scale:.3g}): {m}")
+
+
+# --------------------------------------------------------------------------- the output layer fused in
+
+FUSED_HEAD_VARIANTS = {
+    "paper": dict(cfg=dict(), blocks=5),
+    "opd_tau_inf": dict(cfg=dict(tau=math.inf), blocks=None),
+    "fkl_only": dict(cfg=dict(rkl_mode="off", topk=5), old=False, blocks=7),
+    "soft_gate_temps": dict(cfg=dict(gate="sigmoid", gate_width=0.3, student_temperature=0.7,
+                                     teacher_temperature=1.5, alpha=0.5), blocks=1),
+    # padded vocabulary, k beyond the shard (96/4 = 24 < 30), global normaliser
+    "padded": dict(cfg=dict(topk=30, clip_eps_low=0.1, clip_eps_high=0.3), true_vocab=90, normaliser=77, blocks=4),
+    "all_masked": dict(cfg=dict(), all_masked=True, blocks=3),
+}
+
+
+def make_head_case(seed, tokens, hidden, vocab, true_vocab=None):
+    """Hidden states and output weights (float64, identical on every rank) whose logits spread the
+    teacher's entropy around the median, plus sampled ids, mask and old log-probs."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.exp(torch.empty(tokens, 1).uniform_(-1.0, 1.5, generator=gen)).double()
+    h_s = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64) * scale
+    h_t = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64) * scale
+    w_s = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) / math.sqrt(hidden)
+    w_t = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) / math.sqrt(hidden)
+    y = torch.randint(0, true_vocab or vocab, (tokens,), generator=gen)
+    mask = torch.rand(tokens, generator=gen) < 0.8
+    mask[:2] = False
+    lq_y = dense_log_softmax(h_s @ w_s.t(), 1.0, true_vocab).gather(1, y[:, None])[:, 0]
+    old = lq_y + 0.3 * torch.randn(tokens, generator=gen, dtype=torch.float64)
+    return SimpleNamespace(h_s=h_s, h_t=h_t, w_s=w_s, w_t=w_t, y=y, mask=mask, old=old, true_vocab=true_vocab)
+
+
+def weight_shard_of(weight, ctx):
+    size = weight.shape[0] // ctx.tp
+    lo = ctx.tp_rank * size
+    return weight[lo : lo + size].clone(), lo, lo + size
+
+
+@multirank_check(tp=[1, 2, 4], variant=list(FUSED_HEAD_VARIANTS))
+def test_fused_head_loss_matches_dense(ctx):
+    """eopd_loss_from_hidden / compute_teacher_stats_from_hidden against the dense loss of h @ W^T:
+    value, metrics, and the gradients of the hidden states and of this rank's weight rows."""
+    from megatron_eopd.objective import compute_teacher_stats_from_hidden, eopd_loss_from_hidden
+
+    spec = FUSED_HEAD_VARIANTS[ctx.params["variant"]]
+    c = make_head_case(ctx.seed, 45, 24, 96, spec.get("true_vocab"))
+    if spec.get("all_masked"):
+        c.mask[:] = False
+    group = group_of(ctx)
+    cfg_kwargs = dict(spec["cfg"])
+    if "tau" not in cfg_kwargs:
+        lp = dense_log_softmax(c.h_t @ c.w_t.t(), cfg_kwargs.get("teacher_temperature", 1.0), c.true_vocab)
+        cfg_kwargs["tau"] = float(dense_entropy(lp)[c.mask].median()) + 1e-6 if c.mask.any() else 0.8
+    cfg = EOPDLossConfig(**cfg_kwargs)
+    old = c.old if spec.get("old", True) else None
+    normaliser = spec.get("normaliser")
+
+    h_ref, w_ref = c.h_s.clone().requires_grad_(), c.w_s.clone().requires_grad_()
+    ref_loss, ref_metrics = dense_eopd(h_ref @ w_ref.t(), c.h_t @ c.w_t.t(), c.y, c.mask, old, cfg, c.true_vocab,
+                                       normaliser)
+    ref_loss.backward()
+
+    w_t_shard, _, _ = weight_shard_of(c.w_t, ctx)
+    stats = compute_teacher_stats_from_hidden(c.h_t, w_t_shard, c.y, group, topk=cfg.topk, response_mask=c.mask,
+                                              temperature=cfg.teacher_temperature, true_vocab_size=c.true_vocab,
+                                              block_tokens=spec["blocks"])
+    on_logits = compute_teacher_stats(c.h_t @ w_t_shard.t(), c.y, group, topk=cfg.topk, response_mask=c.mask,
+                                      temperature=cfg.teacher_temperature, true_vocab_size=c.true_vocab)
+    for name in ("entropy", "sampled_logprob", "topk_logprobs", "log_z"):
+        torch.testing.assert_close(getattr(stats, name), getattr(on_logits, name), msg=name, **TOL)
+    assert torch.equal(stats.topk_ids, on_logits.topk_ids)
+
+    hidden = c.h_s.clone().requires_grad_()
+    w_shard, lo, hi = weight_shard_of(c.w_s, ctx)
+    w_shard.requires_grad_()
+    loss, metrics = eopd_loss_from_hidden(hidden, w_shard, c.y, c.mask, stats, old_logprobs=old, config=cfg,
+                                          group=group, true_vocab_size=c.true_vocab, num_valid_tokens=normaliser,
+                                          block_tokens=spec["blocks"])
+    (loss * 2.5).backward()  # the upstream gradient scales what forward computed
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), **TOL)
+    torch.testing.assert_close(hidden.grad, 2.5 * h_ref.grad, msg="hidden-state gradient", **TOL)
+    torch.testing.assert_close(w_shard.grad, 2.5 * w_ref.grad[lo:hi], msg="weight-shard gradient", **TOL)
+    for key, ref_value in ref_metrics.items():
+        if key == "fkl_gated" and cfg.fkl_mode == "off":
+            continue
+        torch.testing.assert_close(metrics[key], ref_value, msg=lambda m: f"metric {key}: {m}", **TOL)
+    if spec.get("all_masked"):
+        assert loss.item() == 0.0 and (hidden.grad == 0).all() and (w_shard.grad == 0).all()
+
+
+@multirank_check(tp=[1, 2])
+def test_fused_head_bf16_close_to_full_logits(ctx):
+    """In bf16, blocks (fp32-accumulated weight gradient) agree with the head run on all tokens at once."""
+    from megatron_eopd.objective import compute_teacher_stats_from_hidden, eopd_loss_from_hidden
+
+    c = make_head_case(ctx.seed, 64, 32, 128)
+    group = group_of(ctx)
+    cfg = EOPDLossConfig(tau=1.0)
+    w_t = weight_shard_of(c.w_t, ctx)[0].bfloat16()
+    stats = compute_teacher_stats_from_hidden(c.h_t.bfloat16(), w_t, c.y, group, response_mask=c.mask)
+    results = []
+    for fused in (False, True):
+        hidden = c.h_s.bfloat16().requires_grad_()
+        w_shard = weight_shard_of(c.w_s, ctx)[0].bfloat16().requires_grad_()
+        if fused:
+            loss, _ = eopd_loss_from_hidden(hidden, w_shard, c.y, c.mask, stats, old_logprobs=c.old, config=cfg,
+                                            group=group, block_tokens=9)
+        else:
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+            h_in = copy_to_tensor_model_parallel_region(hidden) if group is not None else hidden
+            loss, _ = eopd_loss(h_in @ w_shard.t(), c.y, c.mask, stats, old_logprobs=c.old, config=cfg, group=group)
+        loss.backward()
+        results.append((loss.detach().double(), hidden.grad.double(), w_shard.grad.double()))
+    (l0, gh0, gw0), (l1, gh1, gw1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-3, atol=1e-3)
+    for what, a, b in (("hidden", gh1, gh0), ("weight", gw1, gw0)):
+        scale = b.abs().max()
+        assert (a - b).abs().max() <= 2e-2 * scale, f"{what} gradient differs by {(a - b).abs().max()} of {scale}"

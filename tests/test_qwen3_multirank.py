@@ -182,3 +182,74 @@ def test_in_memory_loader_and_exporter(ctx):
             model, to_rank=None, dtype=torch.bfloat16):
         expected_bf16 = weights[name].to(device=tensor.device, dtype=torch.bfloat16)
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected_bf16), name
+
+
+@multirank_check(tp=[1, 2], pp=[1, 2], tied=[False, True])
+def test_fused_output_layer_matches_logits(ctx):
+    """The output layer fused into the teacher statistics and the EOPD loss (``fused_head=True``)
+    against the same model's logits through Megatron's schedule: equal statistics, loss and
+    gradient of every parameter (fp32; the embedding too where tied)."""
+    from megatron.core import parallel_state
+
+    from megatron_eopd.checkpoint import HFSafetensors
+    from megatron_eopd.models.forward import MicroBatch, run_micro_batches
+    from megatron_eopd.models.output_head import FinalHidden
+    from megatron_eopd.models.qwen3 import load_hf_weights
+    from megatron_eopd.objective import (EOPDLossConfig, compute_teacher_stats, compute_teacher_stats_from_hidden,
+                                         eopd_loss, eopd_loss_from_hidden)
+
+    hf_dir = _tiny_hf(ctx, ctx.params["tied"])
+    model = _build(hf_dir)
+    load_hf_weights(model, HFSafetensors(hf_dir))
+    group = ctx.tp_group if ctx.tp > 1 else None
+    tokens = _tokens(seed=3)
+    labels = torch.roll(tokens, -1, dims=1).reshape(-1)
+    mask = (torch.arange(BATCH * SEQ, device=tokens.device) % 5 != 0)
+    mbs = [MicroBatch.from_tokens(tokens)]
+    kw = dict(topk=8, response_mask=mask, true_vocab_size=301)
+
+    def stats_of(output, mb):
+        if isinstance(output, FinalHidden):
+            assert output.hidden.shape[-1] == model.config.hidden_size
+            return compute_teacher_stats_from_hidden(output.hidden, output.weight, labels, group, block_tokens=7, **kw)
+        assert output.shape[-1] == model.eopd_padded_vocab // ctx.tp
+        return compute_teacher_stats(output.reshape(-1, output.shape[-1]), labels, group, **kw)
+
+    with torch.no_grad():
+        stats = [run_micro_batches([model], mbs, stats_of, forward_only=True, fused_head=fused) for fused in (0, 1)]
+    last = parallel_state.is_pipeline_last_stage()
+    if last:
+        for name in ("entropy", "sampled_logprob", "topk_logprobs", "log_z"):
+            torch.testing.assert_close(getattr(stats[1][0], name), getattr(stats[0][0], name), rtol=1e-5,
+                                       atol=1e-5, msg=name)
+        teacher = stats[0][0]
+        assert float(teacher.entropy[mask].std()) > 0.05  # not a degenerate comparison
+    cfg = EOPDLossConfig(tau=float(teacher.entropy[mask].median()) if last else 0.8, topk=8)
+
+    def loss_of(output, mb):
+        common = dict(config=cfg, group=group, true_vocab_size=301)
+        if isinstance(output, FinalHidden):
+            loss, metrics = eopd_loss_from_hidden(output.hidden, output.weight, labels, mask, teacher,
+                                                  block_tokens=5, **common)
+        else:
+            loss, metrics = eopd_loss(output.reshape(-1, output.shape[-1]), labels, mask, teacher, **common)
+        return loss, mask.sum().to(torch.int), metrics
+
+    grads, losses = [], []
+    for fused in (False, True):
+        for param in model.parameters():
+            param.grad = None
+        out = run_micro_batches([model], mbs, loss_of, forward_only=False, fused_head=fused)
+        losses.append([m["loss"] for m in out])
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0], sorted(grads[0].keys() ^ grads[1].keys())
+    for name in grads[0]:
+        scale = float(grads[0][name].abs().max())
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6 + 1e-4 * scale, msg=name)
+    if last:
+        torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-5, atol=1e-6)
+    # The output layer is itself again after each fused call.
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    head = getattr(model, "output_layer", None)
+    assert head is None or "forward" not in vars(head) and isinstance(head, ColumnParallelLinear)

@@ -20,8 +20,8 @@ TOLERANCE = 1e-4  # fp32 Megatron against float64 HF; a shifted position is off 
 TOPK = 16
 
 
-@pytest.fixture(scope="module")
-def session(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["fused-output-layer", "logits"])
+def session(tmp_path_factory, request):
     from megatron_eopd.data.synthetic import ENDOFTEXT, IM_END, build_task_tokenizer
     from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
     from megatron_eopd.trainer.config import load_train_config
@@ -38,6 +38,7 @@ def session(tmp_path_factory):
         "teacher.prompt_style=chat_non_thinking", "rollout.engine=hf", "rollout.sampling.max_tokens=20",
         "train.prompts_per_iteration=8", "train.mini_batch_size=4", "train.micro_batch_size=2",
         f"loss.topk={TOPK}", "logging.tensorboard=false", "logging.progress=false",
+        f"train.fused_output_layer={str(request.param).lower()}",
     ])
     opened = open_session(config)
     yield opened
@@ -53,7 +54,8 @@ def iteration_one(session):
     steps = phases.make_steps(session, samples)
     teacher = phases.teacher_statistics(session, steps, 1)
     student = [old_logprobs(session.student.chunks, step, tp_group=phases._tp_group(),
-                            true_vocab_size=session.vocab_size) for step in steps]
+                            true_vocab_size=session.vocab_size, fused_head=phases._fused_head(session))
+               for step in steps]
     return steps, teacher, student
 
 

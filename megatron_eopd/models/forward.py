@@ -11,6 +11,10 @@ owns pipeline parallelism; this module owns the contract around it:
   only), or it returns ``(loss_sum, num_tokens, metrics)`` for training, where the gradient is
   ``sum of loss_sum / sum of num_tokens`` over micro-batches and data-parallel ranks (Megatron's
   per-token loss normalisation, which the trainer's model config switches on).
+- with ``fused_head=True`` the output layer is left to the loss: ``on_logits`` receives a
+  :class:`~megatron_eopd.models.output_head.FinalHidden` (final hidden states ``[b, s, hidden]``
+  and this rank's output-weight shard) in place of the logits, for the loss functions of
+  :mod:`megatron_eopd.objective.fused_head`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron_eopd.models.chunks import as_chunk_list
+from megatron_eopd.models.output_head import FinalHidden, final_hidden_states, head_weight
 
 
 @dataclass
@@ -41,9 +46,10 @@ class MicroBatch:
 def run_micro_batches(
     model_chunks: Any,
     micro_batches: list[MicroBatch],
-    on_logits: Callable[[torch.Tensor, MicroBatch], Any],
+    on_logits: Callable[[Any, MicroBatch], Any],
     *,
     forward_only: bool,
+    fused_head: bool = False,
 ) -> list:
     """Run the schedule over ``micro_batches``; call on every rank of the model-parallel group.
 
@@ -61,18 +67,22 @@ def run_micro_batches(
     chunks = as_chunk_list(model_chunks)
     collected: list = []
 
-    def loss_func(micro_batch: MicroBatch, logits: torch.Tensor):
+    def loss_func(micro_batch: MicroBatch, logits: Any):
         result = on_logits(logits, micro_batch)
         if forward_only:
             collected.append(result)
-            return logits.new_zeros(()), {}
+            return micro_batch.tokens.new_zeros((), dtype=torch.float32), {}
         loss_sum, num_tokens, metrics = result
         return loss_sum, num_tokens, metrics
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
-        output = model(micro_batch.tokens, micro_batch.position_ids, None)
-        return output, lambda logits: loss_func(micro_batch, logits)
+        if not fused_head:
+            output = model(micro_batch.tokens, micro_batch.position_ids, None)
+            return output, lambda logits: loss_func(micro_batch, logits)
+        with final_hidden_states(model):
+            output = model(micro_batch.tokens, micro_batch.position_ids, None)
+        return output, lambda hidden: loss_func(micro_batch, FinalHidden(hidden, head_weight(model)))
 
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,

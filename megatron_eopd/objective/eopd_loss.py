@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from .fused_head import head_token_loss
 from .teacher_stats import TeacherTokenStats, compute_teacher_stats
 from .vocab_parallel import TokenTerms, compute_dtype, vocab_parallel_token_terms
 
@@ -179,24 +180,96 @@ def eopd_loss(
         teacher_temperature=config.teacher_temperature,
         **shard_kwargs,
     )
-    teacher_entropy = stats.entropy.to(dtype)
+    loss_per_token, parts = _loss_per_token(terms, stats, old_logprobs, rows, k, config, dtype)
+    normaliser = _normaliser(num_valid_tokens, rows.numel(), dtype)
+    loss = loss_per_token.sum() / normaliser
+    metrics = _metrics_of_parts(loss, normaliser, terms, stats, config, dtype, parts)
+    return loss, metrics
 
+
+def eopd_loss_from_hidden(
+    hidden: Tensor,
+    head_weight: Tensor,
+    sampled_ids: Tensor,
+    response_mask: Tensor,
+    teacher: TeacherTokenStats,
+    *,
+    old_logprobs: Optional[Tensor] = None,
+    config: Optional[EOPDLossConfig] = None,
+    group: Any = None,
+    vocab_start: Optional[int] = None,
+    true_vocab_size: Optional[int] = None,
+    num_valid_tokens: Union[int, float, Tensor, None] = None,
+    block_tokens: Optional[int] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`eopd_loss` of ``hidden @ head_weight.T`` with the output layer fused in (:mod:`.fused_head`).
+
+    The same loss and diagnostics as ``eopd_loss(hidden @ head_weight.T, ...)`` without its
+    [tokens, V/TP] logits or their gradient: the head runs over blocks of response tokens only,
+    and the gradient reaches ``hidden`` and ``head_weight``.
+
+    Args:
+        hidden: [..., hidden] final hidden states (after the final norm), replicated over TP.
+        head_weight: [V/TP, hidden] this rank's shard of the output weight (the embedding when tied).
+        block_tokens: response tokens per block of the head (default: about 64M logits on GPU).
+        Everything else: as for :func:`eopd_loss`.  The full-vocabulary options (``fkl_mode="full"``,
+        ``rkl_mode="analytic"``) read teacher logits and are refused here.
+    """
+    config = EOPDLossConfig() if config is None else config
+    if config.needs_teacher_logits:
+        raise ValueError(f"fkl_mode={config.fkl_mode!r} / rkl_mode={config.rkl_mode!r} compare full logits; "
+                         "call eopd_loss on the student's logits instead of eopd_loss_from_hidden")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    ids = sampled_ids.reshape(-1).to(torch.int64)
+    mask = response_mask.reshape(-1)
+    if ids.numel() != flat.shape[0] or mask.numel() != flat.shape[0]:
+        raise ValueError(f"sampled_ids ({ids.numel()}) and response_mask ({mask.numel()}) must have one entry per"
+                         f" token of the hidden states ({flat.shape[0]})")
+    shard_kwargs = dict(vocab_start=vocab_start, true_vocab_size=true_vocab_size, chunk_tokens=config.chunk_tokens)
+    teacher = _teacher_statistics(teacher, None, ids, mask, group, config, shard_kwargs)
+
+    rows = mask.nonzero().view(-1)
+    dtype = compute_dtype(head_weight.dtype)
+    stats = teacher.select(rows)
+    k = min(config.topk, stats.topk)
+    gather_ids = ids.index_select(0, rows).unsqueeze(1)
+    if k:
+        gather_ids = torch.cat([gather_ids, stats.topk_ids[:, :k]], dim=1)
+
+    def block_loss(terms: TokenTerms, lo: int, hi: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return _loss_per_token(terms, stats.slice(lo, hi), old_logprobs, rows[lo:hi], k, config, dtype)
+
+    loss_sum, terms, parts = head_token_loss(
+        flat.index_select(0, rows), head_weight, gather_ids, block_loss, group, want_entropy=True,
+        temperature=config.student_temperature, block_tokens=block_tokens, **shard_kwargs,
+    )
+    normaliser = _normaliser(num_valid_tokens, rows.numel(), dtype)
+    loss = loss_sum / normaliser
+    return loss, _metrics_of_parts(loss, normaliser, terms, stats, config, dtype, parts)
+
+
+def _loss_per_token(terms: TokenTerms, stats: TeacherTokenStats, old_logprobs: Optional[Tensor], rows: Tensor,
+                    k: int, config: EOPDLossConfig, dtype: torch.dtype) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_t of the valid tokens ``rows`` (terms and stats hold exactly those rows) and its parts."""
     rkl_per_token, clip_active = _reverse_kl_term(terms, stats, old_logprobs, rows, config, dtype)
     fkl_per_token, topk_mass = _forward_kl_term(terms, stats, k, config, dtype)
-    gate = entropy_gate(teacher_entropy, config)
+    gate = entropy_gate(stats.entropy.to(dtype), config)
     loss_per_token = rkl_per_token
     fkl_weighted = None
     if config.fkl_mode != "off":
         # Exactly 0 on ungated tokens, even where the FKL is infinite (tau = +inf is exactly OPD).
         fkl_weighted = torch.where(gate > 0, config.alpha * gate * fkl_per_token, 0.0)
         loss_per_token = loss_per_token + fkl_weighted
+    parts = {"gate": gate, "rkl": rkl_per_token, "fkl": fkl_per_token, "fkl_weighted": fkl_weighted,
+             "clip_active": clip_active, "topk_mass": topk_mass}
+    return loss_per_token, {name: value for name, value in parts.items() if value is not None}
 
-    normaliser = _normaliser(num_valid_tokens, rows.numel(), dtype)
-    loss = loss_per_token.sum() / normaliser
-    metrics = _metrics(loss, normaliser, terms, stats, config, dtype, gate=gate, rkl_per_token=rkl_per_token,
-                       fkl_per_token=fkl_per_token, fkl_weighted=fkl_weighted, clip_active=clip_active,
-                       topk_mass=topk_mass)
-    return loss, metrics
+
+def _metrics_of_parts(loss: Tensor, normaliser: Union[float, Tensor], terms: TokenTerms, stats: TeacherTokenStats,
+                      config: EOPDLossConfig, dtype: torch.dtype, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+    return _metrics(loss, normaliser, terms, stats, config, dtype, gate=parts["gate"], rkl_per_token=parts["rkl"],
+                    fkl_per_token=parts.get("fkl"), fkl_weighted=parts.get("fkl_weighted"),
+                    clip_active=parts.get("clip_active"), topk_mass=parts.get("topk_mass"))
 
 
 def _check_shapes(student_logits: Tensor, ids: Tensor, mask: Tensor, teacher_logits: Optional[Tensor],

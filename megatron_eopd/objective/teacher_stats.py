@@ -14,7 +14,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .vocab_parallel import vocab_parallel_summary
+from .fused_head import head_summary
+from .vocab_parallel import DistributionSummary, vocab_parallel_summary
 
 
 @dataclasses.dataclass
@@ -75,6 +76,12 @@ class TeacherTokenStats:
             self.temperature,
         )
 
+    def slice(self, lo: int, hi: int) -> "TeacherTokenStats":
+        """The statistics of tokens ``lo:hi`` (views, no copy)."""
+        cut = lambda x: None if x is None else x[lo:hi]  # noqa: E731
+        return TeacherTokenStats(cut(self.entropy), cut(self.sampled_logprob), cut(self.topk_ids),
+                                 cut(self.topk_logprobs), cut(self.log_z), self.temperature)
+
     def to(self, device: torch.device | str) -> "TeacherTokenStats":
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return dataclasses.replace(
@@ -114,13 +121,8 @@ def compute_teacher_stats(
     ids = sampled_ids.reshape(-1).to(torch.int64)
     if ids.numel() != logits.shape[0]:
         raise ValueError(f"{ids.numel()} sampled ids for {logits.shape[0]} tokens of teacher logits")
-    tokens, device = logits.shape[0], logits.device
-    if response_mask is None:
-        rows = torch.arange(tokens, device=device)
-    else:
-        if response_mask.numel() != tokens:
-            raise ValueError(f"response_mask has {response_mask.numel()} entries for {tokens} tokens")
-        rows = response_mask.reshape(-1).nonzero().view(-1)
+    tokens = logits.shape[0]
+    rows = _rows_of(response_mask, tokens, logits.device)
     summary = vocab_parallel_summary(
         logits,
         group,
@@ -132,6 +134,19 @@ def compute_teacher_stats(
         temperature=temperature,
         chunk_tokens=chunk_tokens,
     )
+    return _placed(summary, rows, tokens, temperature)
+
+
+def _rows_of(response_mask: Optional[Tensor], tokens: int, device: torch.device) -> Tensor:
+    if response_mask is None:
+        return torch.arange(tokens, device=device)
+    if response_mask.numel() != tokens:
+        raise ValueError(f"response_mask has {response_mask.numel()} entries for {tokens} tokens")
+    return response_mask.reshape(-1).nonzero().view(-1)
+
+
+def _placed(summary: DistributionSummary, rows: Tensor, tokens: int, temperature: float) -> TeacherTokenStats:
+    """Statistics of ``rows`` spread over all ``tokens`` (zeros elsewhere)."""
     if rows.numel() == tokens:
         full = lambda x: x  # noqa: E731
     else:
@@ -150,3 +165,41 @@ def compute_teacher_stats(
         log_z=full(summary.log_z),
         temperature=float(temperature),
     )
+
+
+@torch.no_grad()
+def compute_teacher_stats_from_hidden(
+    hidden: Tensor,
+    head_weight: Tensor,
+    sampled_ids: Tensor,
+    group: Any = None,
+    *,
+    topk: int = 16,
+    response_mask: Optional[Tensor] = None,
+    vocab_start: Optional[int] = None,
+    true_vocab_size: Optional[int] = None,
+    temperature: float = 1.0,
+    chunk_tokens: Optional[int] = None,
+    block_tokens: Optional[int] = None,
+) -> TeacherTokenStats:
+    """:func:`compute_teacher_stats` of ``hidden @ head_weight.T`` with the output layer fused in.
+
+    ``hidden`` [..., hidden]: the teacher's final hidden states (replicated over TP);
+    ``head_weight`` [V/TP, hidden]: this rank's shard of its output weight.  The head runs over
+    blocks of the masked-in tokens only (:func:`~.fused_head.head_summary`), so the teacher's
+    [tokens, V/TP] logits never exist.
+    """
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    ids = sampled_ids.reshape(-1).to(torch.int64)
+    tokens = flat.shape[0]
+    if ids.numel() != tokens:
+        raise ValueError(f"{ids.numel()} sampled ids for {tokens} tokens of teacher hidden states")
+    rows = _rows_of(response_mask, tokens, flat.device)
+    summary = head_summary(
+        flat.index_select(0, rows), head_weight, group, sampled_ids=ids.index_select(0, rows), topk=topk,
+        vocab_start=vocab_start, true_vocab_size=true_vocab_size, temperature=temperature,
+        chunk_tokens=chunk_tokens, block_tokens=block_tokens,
+    )
+    return _placed(summary, rows, tokens, temperature)

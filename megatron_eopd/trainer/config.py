@@ -97,6 +97,10 @@ class TrainConfig:
     (the synthetic task provides them), e.g. to make the tiny demo's teacher.
     ``iterations``: None = ``epochs`` passes over the prompts.  ``sft_end_token`` ends each reference
     solution in SFT mode (``<|im_end|>`` for a chat model, ``<|endoftext|>`` for a base model).
+    ``fused_output_layer``: the student's and the teacher's output layers run inside the loss and
+    the teacher statistics, over blocks of response tokens, so no [tokens, V/TP] logits (nor their
+    gradient) exist; the losses are those of the logits up to matmul rounding.  The full-vocabulary
+    loss options (``loss.fkl_mode=full``, ``loss.rkl_mode=analytic``) always use the logits.
     """
 
     mode: Literal["eopd", "sft"] = "eopd"
@@ -108,6 +112,7 @@ class TrainConfig:
     seed: int = 1234
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     sft_end_token: str = "<|im_end|>"
+    fused_output_layer: bool = True
 
     def __post_init__(self):
         for name in ("epochs", "prompts_per_iteration", "mini_batch_size", "micro_batch_size"):

@@ -102,6 +102,11 @@ def make_steps(session: Session, samples: list[Sample]) -> list[StepBatch]:
                         pad_id=session.tokenizer.pad_token_id, device=session.platform.device)
 
 
+def _fused_head(session: Session) -> bool:
+    """Whether the output layers run inside the loss (train.fused_output_layer, unless the loss reads full logits)."""
+    return session.config.train.fused_output_layer and not session.config.loss.needs_teacher_logits
+
+
 def teacher_statistics(session: Session, steps: list[StepBatch], iteration: int) -> list:
     """The teacher's per-token statistics for every step, before any update (forward only).
 
@@ -109,7 +114,8 @@ def teacher_statistics(session: Session, steps: list[StepBatch], iteration: int)
     statistic), before the student sees them.
     """
     outputs = [score_teacher(session.teacher, step, session.config.loss, tp_group=_tp_group(),
-                             true_vocab_size=session.vocab_size) for step in steps]
+                             true_vocab_size=session.vocab_size, fused_head=_fused_head(session))
+               for step in steps]
     check_teacher_outputs(outputs, iteration)
     return outputs
 
@@ -121,10 +127,11 @@ def student_update(session: Session, steps: list[StepBatch], teacher: Optional[l
     if session.config.train.mode == "sft":
         for index, step in enumerate(steps):
             metrics += sft_update(session.student, step, tp_group=group, true_vocab_size=session.vocab_size,
-                                  iteration=iteration, step_index=index)
+                                  iteration=iteration, step_index=index, fused_head=_fused_head(session))
         return metrics, {}
-    olds = [old_logprobs(session.student.chunks, step, tp_group=group, true_vocab_size=session.vocab_size)
-            for step in steps]
+    fused = _fused_head(session)
+    olds = [old_logprobs(session.student.chunks, step, tp_group=group, true_vocab_size=session.vocab_size,
+                         fused_head=fused) for step in steps]
     for old, step in zip(olds, steps):
         found = rollout_mismatch(old, step)
         if found is not None:
@@ -132,7 +139,8 @@ def student_update(session: Session, steps: list[StepBatch], teacher: Optional[l
                         "count": mismatch["count"] + found["count"]}
     for index, (step, stats, old) in enumerate(zip(steps, teacher, olds)):
         metrics += eopd_update(session.student, step, stats, old, session.config.loss, tp_group=group,
-                               true_vocab_size=session.vocab_size, iteration=iteration, step_index=index)
+                               true_vocab_size=session.vocab_size, iteration=iteration, step_index=index,
+                               fused_head=fused)
     return metrics, _reduce_mismatch(mismatch)
 
 

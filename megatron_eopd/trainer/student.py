@@ -19,7 +19,9 @@ import torch.distributed as dist
 
 from megatron_eopd.errors import EOPDError
 from megatron_eopd.models.forward import MicroBatch, run_micro_batches
-from megatron_eopd.objective import EOPDLossConfig, eopd_loss, vocab_parallel_logprobs
+from megatron_eopd.models.output_head import FinalHidden
+from megatron_eopd.objective import EOPDLossConfig, eopd_loss, eopd_loss_from_hidden, vocab_parallel_logprobs
+from megatron_eopd.objective.fused_head import head_logprobs, head_token_loss
 from megatron_eopd.platform import collective_device
 from megatron_eopd.trainer.batch import StepBatch
 from megatron_eopd.trainer.teacher import TeacherOutputs
@@ -40,22 +42,32 @@ class Optimization:
     scheduler: Any
 
 
-def _response_logprobs(logits: torch.Tensor, mb: MicroBatch, tp_group: Any, true_vocab_size: int) -> torch.Tensor:
-    """log q(label) at the response positions of a micro-batch, flattened to ``[b * s]`` (0 elsewhere)."""
-    flat = logits.reshape(-1, logits.shape[-1])
+def _response_rows(mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
     mask = mb.extras["mask"].reshape(-1)
-    rows = mask.nonzero().view(-1)
-    picked = vocab_parallel_logprobs(flat, mb.extras["labels"].reshape(-1).index_select(0, rows), tp_group,
-                                     rows=rows, true_vocab_size=true_vocab_size)
+    return mask, mask.nonzero().view(-1)
+
+
+def _response_logprobs(output: Any, mb: MicroBatch, tp_group: Any, true_vocab_size: int) -> torch.Tensor:
+    """log q(label) at the response positions of a micro-batch, flattened to ``[b * s]`` (0 elsewhere),
+    from the logits or, with the fused head, from the final hidden states."""
+    mask, rows = _response_rows(mb)
+    labels = mb.extras["labels"].reshape(-1).index_select(0, rows)
+    if isinstance(output, FinalHidden):
+        hidden = output.hidden.reshape(-1, output.hidden.shape[-1]).index_select(0, rows)
+        picked = head_logprobs(hidden, output.weight, labels, tp_group, true_vocab_size=true_vocab_size)
+    else:
+        flat = output.reshape(-1, output.shape[-1])
+        picked = vocab_parallel_logprobs(flat, labels, tp_group, rows=rows, true_vocab_size=true_vocab_size)
     return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_copy(0, rows, picked)
 
 
 @torch.no_grad()
-def old_logprobs(chunks: list, step: StepBatch, *, tp_group: Any, true_vocab_size: int) -> list[torch.Tensor]:
+def old_logprobs(chunks: list, step: StepBatch, *, tp_group: Any, true_vocab_size: int,
+                 fused_head: bool = False) -> list[torch.Tensor]:
     """The current student's log-probs of the step's response tokens (last pipeline stage; [] elsewhere)."""
     return run_micro_batches(
-        chunks, step.student, lambda logits, mb: _response_logprobs(logits, mb, tp_group, true_vocab_size),
-        forward_only=True,
+        chunks, step.student, lambda output, mb: _response_logprobs(output, mb, tp_group, true_vocab_size),
+        forward_only=True, fused_head=fused_head,
     )
 
 
@@ -125,7 +137,8 @@ def _non_finite_gradients(chunks: list) -> bool:
     return False
 
 
-def optimizer_step(opt: Optimization, step: StepBatch, on_logits, *, iteration: int, step_index: int) -> list[dict]:
+def optimizer_step(opt: Optimization, step: StepBatch, on_logits, *, iteration: int, step_index: int,
+                   fused_head: bool = False) -> list[dict]:
     """Zero gradients, run forward/backward over the step, check finiteness, step the optimizer.
 
     ``on_logits(logits, micro_batch) -> (loss_sum, num_tokens, metrics)``; returns the metrics of
@@ -136,7 +149,7 @@ def optimizer_step(opt: Optimization, step: StepBatch, on_logits, *, iteration: 
     opt.optimizer.zero_grad()
     for index, mb in enumerate(step.student):
         mb.extras["index"] = index
-    metrics = run_micro_batches(opt.chunks, step.student, on_logits, forward_only=False)
+    metrics = run_micro_batches(opt.chunks, step.student, on_logits, forward_only=False, fused_head=fused_head)
     term_flags = [any(not bool(torch.isfinite(m[name])) for m in metrics if name in m) for name in LOSS_TERMS]
     flags = torch.tensor(term_flags + [_non_finite_gradients(opt.chunks)], dtype=torch.float32)
     _stop_on_non_finite(flags, [f"loss term {n}" for n in LOSS_TERMS] + ["gradients"], iteration, step_index)
@@ -149,36 +162,55 @@ def optimizer_step(opt: Optimization, step: StepBatch, on_logits, *, iteration: 
 
 def eopd_update(opt: Optimization, step: StepBatch, teacher: list[TeacherOutputs], old: list[torch.Tensor],
                 loss: EOPDLossConfig, *, tp_group: Any, true_vocab_size: int, iteration: int,
-                step_index: int) -> list[dict]:
-    """One EOPD optimizer step on ``step`` with the teacher's statistics and the old log-probs."""
+                step_index: int, fused_head: bool = False) -> list[dict]:
+    """One EOPD optimizer step on ``step`` with the teacher's statistics and the old log-probs.
 
-    def on_logits(logits: torch.Tensor, mb: MicroBatch):
+    ``fused_head``: the output layer runs inside the loss (:func:`eopd_loss_from_hidden`), so the
+    student's logits and their gradient never exist in full; not with the full-vocabulary options.
+    """
+    if fused_head and loss.needs_teacher_logits:
+        raise ValueError("the fused output layer cannot compute the full-vocabulary options "
+                         f"(fkl_mode={loss.fkl_mode!r}, rkl_mode={loss.rkl_mode!r}); run them on logits")
+
+    def on_logits(output: Any, mb: MicroBatch):
         index = mb.extras["index"]
-        flat = logits.reshape(-1, logits.shape[-1])
         mask = mb.extras["mask"].reshape(-1)
-        loss_sum, metrics = eopd_loss(
-            flat, mb.extras["labels"].reshape(-1), mask, teacher[index].stats,
-            old_logprobs=old[index], config=loss, group=tp_group, teacher_logits=teacher[index].logits,
-            true_vocab_size=true_vocab_size, num_valid_tokens=1.0,  # a sum: Megatron divides by the global count
-        )
+        common = dict(old_logprobs=old[index], config=loss, group=tp_group, true_vocab_size=true_vocab_size,
+                      num_valid_tokens=1.0)  # a sum: Megatron divides by the global count
+        if isinstance(output, FinalHidden):
+            loss_sum, metrics = eopd_loss_from_hidden(output.hidden, output.weight, mb.extras["labels"].reshape(-1),
+                                                      mask, teacher[index].stats, **common)
+        else:
+            loss_sum, metrics = eopd_loss(output.reshape(-1, output.shape[-1]), mb.extras["labels"].reshape(-1),
+                                          mask, teacher[index].stats, teacher_logits=teacher[index].logits, **common)
         return loss_sum, mask.sum().to(torch.int), metrics
 
-    return optimizer_step(opt, step, on_logits, iteration=iteration, step_index=step_index)
+    return optimizer_step(opt, step, on_logits, iteration=iteration, step_index=step_index, fused_head=fused_head)
+
+
+def _sft_loss_sum(output: Any, mb: MicroBatch, tp_group: Any, true_vocab_size: int) -> torch.Tensor:
+    """-Σ log q(label) over the response positions (differentiable), from logits or final hidden states."""
+    if not isinstance(output, FinalHidden):
+        return -_response_logprobs(output, mb, tp_group, true_vocab_size).sum()
+    _, rows = _response_rows(mb)
+    hidden = output.hidden.reshape(-1, output.hidden.shape[-1]).index_select(0, rows)
+    labels = mb.extras["labels"].reshape(-1).index_select(0, rows).unsqueeze(1)
+    loss_sum, _, _ = head_token_loss(hidden, output.weight, labels, lambda terms, lo, hi: (-terms.logprobs[:, 0], {}),
+                                     tp_group, want_entropy=False, true_vocab_size=true_vocab_size)
+    return loss_sum
 
 
 def sft_update(opt: Optimization, step: StepBatch, *, tp_group: Any, true_vocab_size: int, iteration: int,
-               step_index: int) -> list[dict]:
+               step_index: int, fused_head: bool = False) -> list[dict]:
     """One supervised step: cross-entropy of the response tokens (the reference solutions)."""
 
-    def on_logits(logits: torch.Tensor, mb: MicroBatch):
-        logp = _response_logprobs(logits, mb, tp_group, true_vocab_size)
-        mask = mb.extras["mask"].reshape(-1)
-        loss_sum = -logp.sum()
-        count = mask.sum()
-        metrics = {"loss": loss_sum.detach(), "num_valid_tokens": count.to(logp.dtype)}
+    def on_logits(output: Any, mb: MicroBatch):
+        loss_sum = _sft_loss_sum(output, mb, tp_group, true_vocab_size)
+        count = mb.extras["mask"].reshape(-1).sum()
+        metrics = {"loss": loss_sum.detach(), "num_valid_tokens": count.to(loss_sum.dtype)}
         return loss_sum, count.to(torch.int), metrics
 
-    return optimizer_step(opt, step, on_logits, iteration=iteration, step_index=step_index)
+    return optimizer_step(opt, step, on_logits, iteration=iteration, step_index=step_index, fused_head=fused_head)
 
 
 def rollout_mismatch(old: list[torch.Tensor], step: StepBatch) -> Optional[dict]:

@@ -16,7 +16,13 @@ from typing import Any, Optional
 import torch
 
 from megatron_eopd.models.forward import MicroBatch, run_micro_batches
-from megatron_eopd.objective import EOPDLossConfig, TeacherTokenStats, compute_teacher_stats
+from megatron_eopd.models.output_head import FinalHidden
+from megatron_eopd.objective import (
+    EOPDLossConfig,
+    TeacherTokenStats,
+    compute_teacher_stats,
+    compute_teacher_stats_from_hidden,
+)
 from megatron_eopd.trainer.batch import StepBatch, move_response_values
 
 
@@ -44,25 +50,36 @@ def _to_student_layout(stats: TeacherTokenStats, teacher_mb: MicroBatch, student
 
 @torch.no_grad()
 def score_teacher(teacher_chunks: Any, step: StepBatch, loss: EOPDLossConfig, *, tp_group: Any,
-                  true_vocab_size: int) -> list[TeacherOutputs]:
-    """Teacher statistics for every student micro-batch of ``step`` (empty on non-last stages)."""
-    topk = loss.topk if loss.fkl_mode == "topk" or loss.fkl_mode == "off" else 0
+                  true_vocab_size: int, fused_head: bool = False) -> list[TeacherOutputs]:
+    """Teacher statistics for every student micro-batch of ``step`` (empty on non-last stages).
 
-    def on_logits(logits: torch.Tensor, teacher_mb: MicroBatch) -> TeacherOutputs:
+    ``fused_head``: the teacher's output layer runs block by block inside the statistics
+    (:func:`compute_teacher_stats_from_hidden`), so its logits never exist in full; not when the
+    loss needs the teacher's logits.
+    """
+    if fused_head and loss.needs_teacher_logits:
+        raise ValueError("the loss needs the teacher's logits (fkl_mode='full' or rkl_mode='analytic'); "
+                         "score the teacher without the fused output layer")
+    topk = loss.topk if loss.fkl_mode == "topk" or loss.fkl_mode == "off" else 0
+    common = dict(topk=topk, true_vocab_size=true_vocab_size, temperature=loss.teacher_temperature,
+                  chunk_tokens=loss.chunk_tokens)
+
+    def on_logits(output: Any, teacher_mb: MicroBatch) -> TeacherOutputs:
         index = teacher_mb.extras["index"]
         student_mb = step.student[index]
-        shard = logits.reshape(-1, logits.shape[-1])
-        stats = compute_teacher_stats(
-            shard, teacher_mb.extras["labels"].reshape(-1), tp_group, topk=topk,
-            response_mask=teacher_mb.extras["mask"].reshape(-1), true_vocab_size=true_vocab_size,
-            temperature=loss.teacher_temperature, chunk_tokens=loss.chunk_tokens,
-        )
+        labels, mask = teacher_mb.extras["labels"].reshape(-1), teacher_mb.extras["mask"].reshape(-1)
+        if isinstance(output, FinalHidden):
+            stats = compute_teacher_stats_from_hidden(output.hidden, output.weight, labels, tp_group,
+                                                      response_mask=mask, **common)
+            return TeacherOutputs(_to_student_layout(stats, teacher_mb, student_mb), None)
+        stats = compute_teacher_stats(output.reshape(-1, output.shape[-1]), labels, tp_group, response_mask=mask,
+                                      **common)
         kept = None
         if loss.needs_teacher_logits:
-            vocab = logits.shape[-1]
-            kept = move_response_values(logits, teacher_mb.extras["mask"], student_mb.extras["mask"]).reshape(-1, vocab)
+            vocab = output.shape[-1]
+            kept = move_response_values(output, teacher_mb.extras["mask"], student_mb.extras["mask"]).reshape(-1, vocab)
         return TeacherOutputs(_to_student_layout(stats, teacher_mb, student_mb), kept)
 
     for index, mb in enumerate(step.teacher):
         mb.extras["index"] = index
-    return run_micro_batches(teacher_chunks, step.teacher, on_logits, forward_only=True)
+    return run_micro_batches(teacher_chunks, step.teacher, on_logits, forward_only=True, fused_head=fused_head)
