@@ -67,8 +67,8 @@ def test_probes_on_this_machine():
 
     found = mcore_compat.fused_kernels_available()
     assert set(found) == {"rope_fusion", "persist_layer_norm", "masked_softmax_fusion", "jit_fusion"}
-    if importlib.util.find_spec("transformer_engine") is None:
-        assert found["rope_fusion"] is False
+    if importlib.util.find_spec("transformer_engine") is None:  # then the project's Triton RoPE, if Triton imports
+        assert found["rope_fusion"] == (importlib.util.find_spec("triton") is not None)
     if importlib.util.find_spec("apex") is None:
         assert found["persist_layer_norm"] is False
     if importlib.util.find_spec("scaled_masked_softmax_cuda") is None:
@@ -102,6 +102,31 @@ def test_installed_kernels_are_used_on_cuda_only(monkeypatch):
     # persist_layer_norm is apex's LayerNorm kernel; Qwen3's RMSNorm never uses it.
     assert got == {**dict.fromkeys(FLAGS, True), "persist_layer_norm": False}
     assert fusion_flags(torch.device("cpu")) == dict.fromkeys(FLAGS, False)
+
+
+def test_rope_fusion_without_transformer_engine_installs_the_triton_kernel(monkeypatch):
+    """Where TE is absent, building a CUDA config with apply_rope_fusion puts the project's kernel in
+    the slot Megatron's config check and RoPE call read; with TE's in place, it is left alone."""
+    pytest.importorskip("triton")
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_eopd.models import rope
+    from megatron_eopd.models.qwen3.model import qwen3_transformer_config
+
+    monkeypatch.setattr(mcore_compat, "fused_kernels_available", lambda: _probes(True))
+    monkeypatch.setattr(mcore_compat, "_te_fused_rope", lambda: False)
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
+    config = qwen3_transformer_config(ARCH, tp=1, pp=1, device=torch.device("cuda"))
+    assert config.apply_rope_fusion
+    assert rope_utils.fused_apply_rotary_pos_emb is rope.fused_apply_rotary_pos_emb
+
+    def te_kernel(*args, **kwargs):
+        raise AssertionError("not called here")
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", te_kernel)
+    monkeypatch.setattr(mcore_compat, "_te_fused_rope", lambda: True)
+    assert mcore_compat.ensure_fused_rope() == mcore_compat.ROPE_FROM_TE
+    assert rope_utils.fused_apply_rotary_pos_emb is te_kernel
 
 
 @pytest.mark.parametrize("missing", ["rope_fusion", "masked_softmax_fusion", "jit_fusion"])

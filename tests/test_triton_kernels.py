@@ -58,6 +58,8 @@ def test_parent_reruns_this_file_under_the_interpreter():
 
 def _bf16_kernel_signatures():
     """(kernel, argument types, constexprs) of each kernel, as the launchers call them on bf16 logits."""
+    from megatron_eopd.models import rope
+
     tk = vp.triton_kernels
     row = dict(logits_ptr="*bf16", stride_row="i64", stride_col="i32")
     shard = dict(vocab_start="i32", shard_size="i32", real_columns="i32", temperature="fp32")
@@ -74,6 +76,12 @@ def _bf16_kernel_signatures():
          dict(row, rows_ptr="*i64", sampled_ptr="*i64", max_ptr="*fp32", sums_ptr="*fp32",
               sampled_logit_ptr="*fp32", top_values_ptr="*fp32", top_ids_ptr="*i64", **shard),
          dict(SCALED=False, TOP_K=16, INSERT_LIMIT=tk.TOPK_INSERT_LIMIT, BLOCK_V=tk.TOPK_BLOCK_V)),
+    ] + [  # the fused RoPE on Qwen3's head_dim 128, both directions
+        (rope._rope_kernel,
+         dict(x_ptr="*bf16", f_ptr="*fp32", out_ptr="*bf16", stride_s="i32", stride_b="i32", stride_h="i32",
+              batch="i32", heads="i32"),
+         dict(HALF=64, BLOCK_D=64, BLOCK_H=rope.BLOCK_HEADS, BACKWARD=backward))
+        for backward in (False, True)
     ]
 
 
@@ -298,6 +306,120 @@ def test_eopd_loss_matches_torch_path(interpreted, dtype):
     for key in ref_metrics:
         assert_same(ref_metrics[key], metrics[key], f"metric {key}")
     assert_same(ref_grad, grad, "gradient", **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_matches_torch_path(interpreted, dtype):
+    """The output layer fused with the loss (blocks of 5 rows) on both paths: teacher statistics
+    from hidden states, loss, metrics and the gradients of the hidden states and the weight."""
+    from megatron_eopd.objective import compute_teacher_stats_from_hidden, eopd_loss_from_hidden
+
+    gen = torch.Generator().manual_seed(11)
+    tokens, hidden_size, vocab, true_vocab = 23, 16, 160, 151
+    h_s, h_t = (torch.randn(tokens, hidden_size, generator=gen).mul(2).to(dtype) for _ in range(2))
+    w_s, w_t = (torch.randn(vocab, hidden_size, generator=gen).div(2).to(dtype) for _ in range(2))
+    sampled = torch.randint(0, true_vocab, (tokens,), generator=gen)
+    mask = torch.rand(tokens, generator=gen) < 0.8
+    old = -3.0 + torch.randn(tokens, generator=gen)
+    teacher_entropy = vp.vocab_parallel_entropy((h_t.double() @ w_t.double().t()), true_vocab_size=true_vocab,
+                                                 temperature=1.2)
+    cfg = EOPDLossConfig(tau=float(teacher_entropy[mask].median()), student_temperature=0.8, teacher_temperature=1.2)
+
+    def run():
+        x, w = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+        stats = compute_teacher_stats_from_hidden(h_t, w_t, sampled, topk=cfg.topk, response_mask=mask,
+                                                  temperature=cfg.teacher_temperature, true_vocab_size=true_vocab,
+                                                  block_tokens=5)
+        loss, metrics = eopd_loss_from_hidden(x, w, sampled, mask, stats, old_logprobs=old, config=cfg,
+                                              true_vocab_size=true_vocab, block_tokens=5)
+        loss.backward()
+        return stats, loss.detach(), metrics, x.grad, w.grad
+
+    (ref_stats, ref_loss, ref_metrics, ref_gh, ref_gw), (stats, loss, metrics, gh, gw) = on_both_paths(run)
+    assert torch.equal(ref_stats.topk_ids, stats.topk_ids)
+    assert_same(ref_stats.entropy, stats.entropy, "teacher entropy")
+    assert_same(ref_loss, loss, "loss")
+    assert 0.1 < float(metrics["gate_fraction"]) < 0.9
+    for key in ref_metrics:
+        assert_same(ref_metrics[key], metrics[key], f"metric {key}")
+    for what, ref, got in (("hidden-state", ref_gh, gh), ("weight", ref_gw, gw)):
+        # Matmuls of the bf16-rounded logit gradient: compare at the scale of the gradient.
+        tol = GRAD_TOL[dtype] if dtype == torch.float32 else dict(rtol=0.0, atol=1e-2 * float(ref.abs().max()))
+        assert_same(ref, got, f"{what} gradient", **tol)
+
+
+# --------------------------------------------------------------------------- fused RoPE
+
+
+def rope_angles(seq, dim, base=10000.0):
+    """Megatron's non-interleaved RoPE angles [s, 1, 1, d] (fp32): [theta, theta] per position."""
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    theta = torch.outer(torch.arange(seq, dtype=torch.float32), inv)
+    return torch.cat([theta, theta], dim=-1)[:, None, None, :]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kernel_matches_megatron_unfused(interpreted, dtype):
+    """Forward and backward of the Triton RoPE against Megatron's unfused rotation, on a strided
+    query view (as the QKV split hands it over) with a head count that is not a multiple of the
+    kernel's head block."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megatron_eopd.models import rope
+
+    seq, batch, heads, dim = 7, 2, 5, 32
+    gen = torch.Generator().manual_seed(5)
+    packed = torch.randn(seq, batch, heads, 3 * dim, generator=gen).to(dtype)
+    freqs = rope_angles(seq, dim)
+    upstream = torch.randn(seq, batch, heads, dim, generator=gen).to(dtype)
+    assert rope.kernel_applies(packed[..., :dim], freqs)
+
+    results = []
+    for fused in (False, True):
+        source = packed.clone().requires_grad_()
+        query = source[..., dim : 2 * dim]  # not contiguous
+        out = rope.fused_apply_rotary_pos_emb(query, freqs) if fused else _apply_rotary_pos_emb_bshd(query, freqs)
+        out.backward(upstream)
+        results.append((out.detach(), source.grad[..., dim : 2 * dim]))
+    (ref_out, ref_grad), (out, grad) = results
+    assert out.dtype == dtype and out.is_contiguous()
+    # Megatron rounds cos/sin to the input dtype before multiplying; the kernel rounds once at the end.
+    tol = FP32_TOL if dtype == torch.float32 else dict(rtol=0.0, atol=2e-2 * float(ref_out.abs().max()))
+    assert_same(ref_out, out, "rotated", **tol)
+    assert_same(ref_grad, grad, "gradient", **tol)
+
+
+def test_rope_fusion_in_a_model_matches_unfused(interpreted, model_parallel, monkeypatch):
+    """A tiny Qwen3 GPTModel with apply_rope_fusion (the Triton kernel installed in Megatron's slot)
+    gives the logits and gradients of the unfused model, and the kernel ran in every layer."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_eopd.models import rope
+    from megatron_eopd.models.qwen3 import Qwen3Arch
+    from megatron_eopd.models.qwen3.model import build_qwen3_gpt
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", rope_utils.fused_apply_rotary_pos_emb)
+    calls = []
+    real_rotate = rope._rotate
+    monkeypatch.setattr(rope, "_rotate", lambda *a, **k: calls.append(k["backward"]) or real_rotate(*a, **k))
+    arch = Qwen3Arch(64, 2, 4, 2, 16, 128, 97, tie_word_embeddings=True)
+    tokens = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(9).unsqueeze(0).expand(2, -1)
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(3)
+        model = build_qwen3_gpt(arch, params_dtype=torch.float32, layer_spec="local", apply_rope_fusion=fused)
+        assert model.config.apply_rope_fusion == fused
+        logits = model(tokens, positions, None)
+        logits.float().square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert rope_utils.fused_apply_rotary_pos_emb is rope.fused_apply_rotary_pos_emb
+    # query and key of each of the 2 layers, forward and backward
+    assert sorted(calls) == [False] * 4 + [True] * 4, calls
+    (ref_logits, ref_grads), (logits, grads) = results
+    assert_same(ref_logits, logits, "logits")
+    for name in ref_grads:
+        assert_same(ref_grads[name], grads[name], f"grad {name}", rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -113,6 +113,8 @@ def qwen3_transformer_config(
         **fusion_flags(device),
     )
     kwargs.update(overrides)
+    if kwargs.get("apply_rope_fusion"):
+        mcore_compat.ensure_fused_rope()  # TE's kernel, or ours where TE is absent
     return mcore_compat.transformer_config(**kwargs)
 
 
