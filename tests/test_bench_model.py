@@ -52,17 +52,18 @@ def test_quick_cpu_run_prints_a_row_per_framework_and_micro_batch():
         variant, model, step, seq, mb, ms, tps = cells[:7]
         tokens_per_s[(variant.split()[0], model, step, int(seq), int(mb))] = float(tps.replace(",", ""))
         assert float(ms) > 0 and cells[8] == "n/a" and cells[9] == "n/a", cells  # MFU, peak: n/a on CPU
-    for framework in ("megatron", "hf"):
+    for framework in ("megatron", "megatron-fused", "hf"):
         for mb in (1, 2):
             assert tokens_per_s[(framework, "tiny", "fwd+bwd", 64, mb)] > 0, out
             assert tokens_per_s[(framework, "tiny-untied (teacher)", "fwd", 64, mb)] > 0, out
-    assert {k[0] for k in tokens_per_s} == {"megatron", "hf"}  # hf-liger is skipped on the CPU, with a note
+    # hf-liger is skipped on the CPU, with a note
+    assert {k[0] for k in tokens_per_s} == {"megatron", "megatron-fused", "hf"}
     assert "hf sdpa+liger" in out and "skipped" in out
     # The formula is stated with the table, the best micro-batch is read off, the targets follow.
     assert "MFU = [6·N·T + 12·L·(H_q·d_head)·s·T] / t / peak_flops" in out
     assert "Best tokens/s per framework" in out
     best_rows = _table_rows(out.split("Best tokens/s per framework", 1)[1], "framework / variant")
-    assert len(best_rows) == 4 and all(int(r[4]) in (1, 2) for r in best_rows), out
+    assert len(best_rows) == 6 and all(int(r[4]) in (1, 2) for r in best_rows), out
     assert "67.1k" in out and "41.7k" in out and "27.1k" in out
 
 

@@ -13,7 +13,14 @@ asked for, for each framework:
   None, labels=next_tokens)``, i.e. Megatron computes the output logits ``[s, mb, V]`` and on them
   ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy`` (which upcasts the logits to
   fp32), giving a per-token loss ``[mb, s]`` whose mean is back-propagated.  Forward only: the
-  logits ``[mb, s, V]`` (what the teacher scoring reads).
+  logits ``[mb, s, V]``.
+* ``megatron-fused``: the same model with the output layer fused into the loss, as the trainer runs
+  it (``train.fused_output_layer``): the last stage hands over its final hidden states
+  (``models.output_head.final_hidden_states``) and ``objective.fused_head.head_token_loss`` runs
+  the head over blocks of tokens with the same cross-entropy (mean over tokens, padded vocabulary
+  columns included as in Megatron's), so neither the logits nor their gradient exist in full.
+  Forward only: the teacher statistics the trainer computes (entropy, log-prob of the next token,
+  top-16) with ``head_summary``, likewise without the logits.
 * ``hf``: ``transformers`` ``Qwen3ForCausalLM`` from a ``Qwen3Config`` of the same shape,
   ``attn_implementation="sdpa"``, built on the same device in the same dtype, random init,
   ``use_cache=False``.  Training: ``model(input_ids=tokens, labels=tokens).loss.backward()``
@@ -70,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_eopd.models.qwen3.architecture import QWEN3_PRESETS, Qwen3Arch  # noqa: E402
 
 GIB = float(2**30)
-FRAMEWORKS = ("megatron", "hf", "hf-liger")  # also the order they run in (Liger patches go last)
+FRAMEWORKS = ("megatron", "megatron-fused", "hf", "hf-liger")  # also the order they run in (Liger patches go last)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 MODEL_ALIASES = {"0.6b": "Qwen3-0.6B", "1.7b": "Qwen3-1.7B", "4b": "Qwen3-4B", "8b": "Qwen3-8B"}
@@ -188,16 +195,17 @@ def build_megatron(arch: Qwen3Arch, dtype: torch.dtype, layer_spec: str, attenti
 def build_model(framework: str, arch: Qwen3Arch, args: argparse.Namespace, device: torch.device):
     """The model of one framework on ``device`` in ``args.dtype`` (random init)."""
     dtype = DTYPES[args.dtype]
-    if framework == "megatron":
+    if framework in ("megatron", "megatron-fused"):
         return build_megatron(arch, dtype, args.layer_spec, args.attention)
     return build_hf(arch, dtype, device)
 
 
 def framework_label(framework: str, args: argparse.Namespace) -> str:
-    if framework == "megatron":
+    if framework in ("megatron", "megatron-fused"):
+        head = ", fused head" if framework == "megatron-fused" else ""
         if args.layer_spec == "local":
-            return f"megatron (local spec, {args.attention} attn)"
-        return "megatron (te spec)"
+            return f"{framework} (local spec, {args.attention} attn{head})"
+        return f"{framework} (te spec{head})"
     return {"hf": "hf sdpa", "hf-liger": "hf sdpa+liger"}[framework]
 
 
@@ -266,6 +274,32 @@ def megatron_forward_step(model, batch: Batch) -> torch.Tensor:
         return model(batch.tokens, batch.positions, None)  # [mb, s, V] logits
 
 
+def _cross_entropy_terms(terms, lo: int, hi: int):
+    return -terms.logprobs[:, 0], {}
+
+
+def megatron_fused_train_step(model, batch: Batch) -> None:
+    from megatron_eopd.models.output_head import final_hidden_states, head_weight
+    from megatron_eopd.objective.fused_head import head_token_loss
+
+    with final_hidden_states(model):
+        hidden = model(batch.tokens, batch.positions, None)  # [mb, s, hidden]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    loss_sum, _, _ = head_token_loss(flat, head_weight(model), batch.labels.reshape(-1, 1), _cross_entropy_terms,
+                                     want_entropy=False)
+    (loss_sum / flat.shape[0]).backward()
+
+
+def megatron_fused_forward_step(model, batch: Batch):
+    from megatron_eopd.models.output_head import final_hidden_states, head_weight
+    from megatron_eopd.objective.fused_head import head_summary
+
+    with torch.no_grad(), final_hidden_states(model):
+        hidden = model(batch.tokens, batch.positions, None)
+        return head_summary(hidden.reshape(-1, hidden.shape[-1]), head_weight(model),
+                            sampled_ids=batch.labels.reshape(-1), topk=16)
+
+
 def hf_train_step(model, batch: Batch) -> None:
     model(input_ids=batch.tokens, labels=batch.tokens).loss.backward()
 
@@ -278,6 +312,8 @@ def hf_forward_step(model, batch: Batch) -> torch.Tensor:
 STEPS: dict[tuple[str, bool], Callable] = {
     ("megatron", True): megatron_train_step,
     ("megatron", False): megatron_forward_step,
+    ("megatron-fused", True): megatron_fused_train_step,
+    ("megatron-fused", False): megatron_fused_forward_step,
     ("hf", True): hf_train_step,
     ("hf", False): hf_forward_step,
     ("hf-liger", True): hf_train_step,
@@ -527,9 +563,12 @@ def caption(report: dict, args) -> str:
         "MFU = [6·N·T + 12·L·(H_q·d_head)·s·T] / t / peak_flops for fwd+bwd (fwd only: one third of "
         "that), N = non-embedding parameters + V·hidden, T = micro-batch·s; "
         f"peak_flops = {peak_text}.",
-        f"Loss, fwd+bwd rows: megatron {megatron_loss}; hf `labels=` (transformers' CE on fp32-upcast "
-        "logits; with Liger its fused linear CE). fwd rows: the teacher's full logits under "
-        f"torch.no_grad(). peak GiB: {memory}; weights GiB: what building the model allocated.",
+        f"Loss, fwd+bwd rows: megatron {megatron_loss}; megatron-fused: the same cross-entropy with the "
+        "output layer fused in (head_token_loss over blocks of tokens; no full logits or logit gradient); "
+        "hf `labels=` (transformers' CE on fp32-upcast logits; with Liger its fused linear CE). fwd rows: "
+        "the teacher's full logits under torch.no_grad(); megatron-fused: the trainer's teacher statistics "
+        "(entropy, next-token log-prob, top-16) from the hidden states, no full logits. "
+        f"peak GiB: {memory}; weights GiB: what building the model allocated.",
     ])
 
 
@@ -577,7 +616,7 @@ def _peer(row: dict) -> Optional[tuple[int, float]]:
     if row["role"] == "teacher":
         return PEER_TARGETS.get(("teacher", row["model"]))
     # Megatron is held against the strongest easy peer (HF + Liger).
-    peer = "hf-liger" if row["framework"] == "megatron" else row["framework"]
+    peer = "hf-liger" if row["framework"].startswith("megatron") else row["framework"]
     return PEER_TARGETS.get((peer, row["model"]))
 
 
