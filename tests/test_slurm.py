@@ -307,7 +307,8 @@ echo "finished restart=${SLURM_RESTART_COUNT}" >> runs.txt
     # Slurm holds a requeued job back (BeginTime, about two minutes); release it once the first run is gone.
     slurm_cluster.release_requeued(job_id, timeout_s=60)
     info = slurm_cluster.wait(job_id, timeout_s=120)
-    assert (info.state, info.exit_code, info.restarts) == ("COMPLETED", "0:0", 1), info.fields
+    assert (info.state, info.exit_code, info.restarts) == ("COMPLETED", "0:0", 1), (
+        f"{info.fields}\nslurmd: {slurm_cluster.log_tail('slurmd', 12)}")
     assert (tmp_path / "runs.txt").read_text().splitlines() == [
         "start restart=0", "USR1 -> requeue", "start restart=1", "finished restart=1"]
 
@@ -357,7 +358,8 @@ def test_tiny_job_requeued_by_the_launcher_resumes(slurm_cluster, tmp_path):
         pytest.fail(f"{err}\n{log_path.read_text()}")
     info = slurm_cluster.wait(job_id, timeout_s=TINY_TIMEOUT_S, poll_s=3)
     log = log_path.read_text()
-    assert (info.state, info.exit_code, info.restarts) == ("COMPLETED", "0:0", 1), f"{info.fields}\n{log}"
+    assert (info.state, info.exit_code, info.restarts) == ("COMPLETED", "0:0", 1), (
+        f"{info.fields}\n{log}\nslurmd: {slurm_cluster.log_tail('slurmd', 12)}")
     assert f"requeueing job {job_id} (restart 0)" in log and "restart 1, preset tiny_cpu" in log
     run_dir = submit / "runs" / "tiny_cpu-tinyrq"
     runs = (run_dir / "logs" / "jobs.log").read_text().splitlines()

@@ -232,9 +232,9 @@ class LocalSlurm:
         time.sleep(0.3)
         if self._procs[name].poll() is not None:
             raise SlurmUnavailable(f"{name} exited at start (code {self._procs[name].returncode}): "
-                                   + self._log_tail(name))
+                                   + self.log_tail(name))
 
-    def _log_tail(self, name: str, lines: int = 8) -> str:
+    def log_tail(self, name: str, lines: int = 8) -> str:
         texts = []
         for path in (self._logs.get(name), self.workdir / "log" / f"{name}.log"):
             if path is not None and path.exists():
@@ -254,7 +254,7 @@ class LocalSlurm:
         deadline = time.monotonic() + 10
         while not self.munge_socket.exists():
             if self._procs["munged"].poll() is not None or time.monotonic() > deadline:
-                raise SlurmUnavailable("munged did not start: " + self._log_tail("munged"))
+                raise SlurmUnavailable("munged did not start: " + self.log_tail("munged"))
             time.sleep(0.1)
 
     def _write_slurm_conf(self) -> None:
@@ -305,15 +305,15 @@ class LocalSlurm:
         while time.monotonic() < deadline:
             for name, proc in self._procs.items():
                 if proc.poll() is not None:
-                    raise SlurmUnavailable(f"{name} exited (code {proc.returncode}): " + self._log_tail(name))
+                    raise SlurmUnavailable(f"{name} exited (code {proc.returncode}): " + self.log_tail(name))
             res = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
             state = res.stdout.strip() or res.stderr.strip()
             if state.split() and state.split()[0].rstrip("*") == "idle":
                 return
             time.sleep(0.5)
         raise SlurmUnavailable(f"node {self.node} not idle after {self.start_timeout_s:.0f} s "
-                               f"(sinfo: {state!r}); slurmd: {self._log_tail('slurmd')}; "
-                               f"slurmctld: {self._log_tail('slurmctld')}")
+                               f"(sinfo: {state!r}); slurmd: {self.log_tail('slurmd')}; "
+                               f"slurmctld: {self.log_tail('slurmctld')}")
 
     # -- client side -------------------------------------------------------------------------
     def env(self, extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
@@ -353,11 +353,16 @@ class LocalSlurm:
         run's step daemons can finish; releasing it earlier can launch the new batch script while
         ``slurmstepd`` of the old one still tears down, and slurmd then fails the launch (exit 1,
         no output).  So this waits for every ``slurmstepd: [JOB.*]`` process to be gone first.
+        It also waits for the wall clock to move two seconds past the requeue: slurmd revokes the
+        old run's credential at the kill and refuses a credential made in the same second as the
+        revocation (``ctime <= revoked``, whole seconds: "Job N already killed, do not launch batch
+        job"), which fails the relaunch the same way.
         """
         deadline = time.monotonic() + timeout_s
         while True:
             info = self.job(job_id)
             if info.restarts >= 1 and info.state == "PENDING" and info.fields.get("Reason") == "BeginTime":
+                requeued_at = time.time()  # the revocation happened before this
                 break
             if info.finished and info.restarts == 0:
                 raise RuntimeError(f"job {job_id} ended without being requeued: {info.fields}")
@@ -369,6 +374,7 @@ class LocalSlurm:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the first run of job {job_id} still has step daemons after {timeout_s:.0f} s")
             time.sleep(0.3)
+        time.sleep(max(0.0, requeued_at + 2.0 - time.time()))
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         return self.job(job_id)
 
