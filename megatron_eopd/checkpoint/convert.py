@@ -207,7 +207,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
 
     from megatron_eopd.checkpoint.hf_writer import copy_side_files
     from megatron_eopd.checkpoint.mcore_dist import save_mcore_checkpoint, write_checkpoint_meta
-    from megatron_eopd.models.qwen3.mapping import load_hf_weights
+    from megatron_eopd.models.qwen3.transfer import load_hf_weights
     from megatron_eopd.models.qwen3.model import build_qwen3_gpt, default_layer_spec_name
     from megatron_eopd.platform import init_model_parallel
 
@@ -289,7 +289,8 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
 
     from megatron_eopd.checkpoint.hf_writer import write_hf_files
     from megatron_eopd.checkpoint.mcore_dist import load_mcore_checkpoint
-    from megatron_eopd.models.qwen3.mapping import expected_hf_shapes, iter_hf_weights
+    from megatron_eopd.models.qwen3.mapping import expected_hf_shapes
+    from megatron_eopd.models.qwen3.transfer import iter_hf_weights
     from megatron_eopd.models.qwen3.model import build_qwen3_gpt
     from megatron_eopd.platform import init_model_parallel
 

@@ -1,4 +1,5 @@
-"""Qwen3 dense models on Megatron-Core: architecture facts, model builder, HF <-> Megatron mapping."""
+"""Qwen3 dense models on Megatron-Core: architecture facts, model builder, the HF <-> Megatron
+mapping table and the weight transfer into and out of live model chunks."""
 
 from megatron_eopd.models.qwen3.architecture import (
     QWEN3_PRESETS,
@@ -17,10 +18,9 @@ from megatron_eopd.models.qwen3.mapping import (
     WeightMapping,
     expected_hf_shapes,
     hf_to_megatron_shard,
-    iter_hf_weights,
-    load_hf_weights,
     validate_hf_tensor_set,
 )
+from megatron_eopd.models.qwen3.transfer import iter_hf_weights, load_hf_weights
 from megatron_eopd.models.qwen3.model import (
     build_qwen3_gpt,
     default_layer_spec_name,

@@ -1,8 +1,11 @@
-"""The one HF <-> Megatron-Core mapping table for Qwen3, and the transforms that use it.
+"""The one HF <-> Megatron-Core mapping table for Qwen3, and the pure transforms that use it.
 
-Every consumer goes through :data:`QWEN3_MAPPING`: the file converters, the in-memory loader
-(:func:`hf_to_megatron_shard`, :func:`load_hf_weights`) and the streaming exporter
-(:func:`iter_hf_weights`) that feeds vLLM every training iteration.
+Every consumer goes through :data:`QWEN3_MAPPING`: the file converters, the in-memory loader and
+the streaming exporter that feeds vLLM every training iteration.  This module is "tensors in,
+tensors out" (HF names and full tensors <-> one TP rank's Megatron shard, :func:`shard_from_hf`,
+:func:`hf_from_shards`, :func:`hf_to_megatron_shard`); it knows no model object and no process
+group.  Moving weights into and out of live, sharded model chunks (parameters, TP gathers,
+pipeline sends) is :mod:`megatron_eopd.models.qwen3.transfer`.
 
 Layouts (``h`` hidden, ``d`` head_dim, ``g`` KV heads = query groups, ``q = heads / g``):
 
@@ -24,12 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
 from megatron_eopd.errors import EOPDError
-from megatron_eopd.models.chunks import as_chunk_list, unwrap_model
 from megatron_eopd.models.qwen3.architecture import (
     DEFAULT_VOCAB_DIVISOR,
     Qwen3Arch,
@@ -91,10 +93,21 @@ QWEN3_MAPPING: tuple[WeightMapping, ...] = (
     WeightMapping("output_layer.weight", "output_layer.weight", ("lm_head.weight",), VOCAB, LAST_STAGE),
 )
 
-_OUTPUT = QWEN3_MAPPING[-1]
-_EMBEDDING = QWEN3_MAPPING[0]
-_LAYER_PREFIX = "decoder.layers."
-_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def mapping_entry(megatron_name: str) -> WeightMapping:
+    """The table's entry for a local-spec Megatron name (a layer entry by its in-layer suffix)."""
+    for entry in QWEN3_MAPPING:
+        if entry.megatron == megatron_name:
+            return entry
+    raise KeyError(f"no Qwen3 mapping entry for Megatron name {megatron_name!r}")
+
+
+EMBEDDING = mapping_entry("embedding.word_embeddings.weight")
+FINAL_NORM = mapping_entry("decoder.final_layernorm.weight")
+OUTPUT = mapping_entry("output_layer.weight")
+LAYER_PREFIX = "decoder.layers."
+LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 class MappingError(EOPDError, ValueError):
@@ -235,14 +248,14 @@ def _entries_for_stage(arch: Qwen3Arch, pre_process: bool, post_process: bool, w
     """(entry, hf names) of the non-layer tensors a stage holds."""
     out = []
     if pre_process:
-        out.append(_EMBEDDING)
+        out.append(EMBEDDING)
     if post_process:
-        out.append(QWEN3_MAPPING[-2])  # final norm
+        out.append(FINAL_NORM)
         if not arch.tie_word_embeddings:
-            out.append(_OUTPUT)
+            out.append(OUTPUT)
         elif with_tied_output and not pre_process:
             # A tied model's last stage keeps its own copy of the embedding as output layer.
-            out.append(dataclasses.replace(_OUTPUT, hf=_EMBEDDING.hf))
+            out.append(dataclasses.replace(OUTPUT, hf=EMBEDDING.hf))
     return out
 
 
@@ -274,206 +287,9 @@ def hf_to_megatron_shard(
         layer = pp_rank * per_stage + local
         for entry in layer_entries:
             tensors = [hf_weights[n] for n in entry.hf_names(layer)]
-            name = f"{_LAYER_PREFIX}{local}.{entry.megatron_name(layer_spec)}"
+            name = f"{LAYER_PREFIX}{local}.{entry.megatron_name(layer_spec)}"
             out[name] = shard_from_hf(entry, tensors, arch, tp_rank, tp_size, padded)
     for entry in _entries_for_stage(arch, pp_rank == 0, pp_rank == pp_size - 1, with_tied_output=True):
         tensors = [hf_weights[n] for n in entry.hf_names(None)]
         out[entry.megatron_name(layer_spec)] = shard_from_hf(entry, tensors, arch, tp_rank, tp_size, padded)
     return out
-
-
-# --------------------------------------------------------------------------- model-chunk helpers
-
-
-def _chunk_layer_spec(model: Any) -> str:
-    spec = getattr(model, "eopd_layer_spec", None)
-    if spec is not None:
-        return spec
-    names = {n for n, _ in model.named_parameters()}
-    return "te" if any(n.endswith("linear_qkv.layer_norm_weight") for n in names) else "local"
-
-
-def _chunk_arch(model: Any, hf_config: Any) -> Qwen3Arch:
-    if hf_config is not None:
-        return as_arch(hf_config)
-    arch = getattr(model, "eopd_arch", None)
-    if arch is None:
-        raise ValueError("pass hf_config: this model was not built by build_qwen3_gpt")
-    return arch
-
-
-def _named_entries(model: Any, arch: Qwen3Arch) -> Iterator[tuple[WeightMapping, Optional[int], str, torch.Tensor]]:
-    """(entry, global layer or None, local name, parameter) for every parameter of one chunk."""
-    spec = _chunk_layer_spec(model)
-    by_suffix = {e.megatron_name(spec): e for e in QWEN3_MAPPING if e.place == LAYER}
-    by_name = {e.megatron_name(spec): e for e in QWEN3_MAPPING if e.place != LAYER}
-    from megatron_eopd.platform.mcore_compat import layer_global_index
-
-    for name, param in model.named_parameters():
-        match = _LAYER_NAME.match(name)
-        if match:
-            entry = by_suffix.get(match.group(2))
-            layer = layer_global_index(model.decoder.layers[int(match.group(1))])
-        else:
-            entry, layer = by_name.get(name), None
-        if entry is None:
-            raise MappingError(f"Megatron parameter {name!r} has no entry in the Qwen3 mapping table")
-        yield entry, layer, name, param
-
-
-def load_hf_weights(
-    model_chunks: Any,
-    hf_weights: Mapping[str, torch.Tensor],
-    hf_config: Any = None,
-    *,
-    progress: Optional[Callable[[str], None]] = None,
-) -> None:
-    """Copy HF weights into this rank's model chunk(s), under Megatron's current TP state.
-
-    Works for any PP/VPP layout: each layer's global index is read from the model itself.
-    ``hf_weights`` may be lazy; only the tensors this rank holds are read.
-    ``progress(name)`` is called after each parameter.
-    """
-    from megatron.core import parallel_state
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    chunks = as_chunk_list(model_chunks)
-    for chunk in chunks:
-        model = unwrap_model(chunk)
-        arch = _chunk_arch(model, hf_config)
-        padded = model.vocab_size
-        for entry, layer, name, param in _named_entries(model, arch):
-            hf_names = entry.hf_names(layer)
-            if entry is _OUTPUT and arch.tie_word_embeddings:
-                hf_names = _EMBEDDING.hf_names(None)
-            shard = shard_from_hf(entry, [hf_weights[n] for n in hf_names], arch, tp_rank, tp_size, padded)
-            if tuple(shard.shape) != tuple(param.shape):
-                raise MappingError(f"{name}: shard shape {list(shard.shape)} != parameter {list(param.shape)}")
-            with torch.no_grad():
-                param.copy_(shard)
-            if progress is not None:
-                progress(name)
-
-
-# --------------------------------------------------------------------------- Megatron -> HF (streaming)
-
-
-def _order_key(entry: WeightMapping, layer: Optional[int]) -> tuple[int, int, int]:
-    index = QWEN3_MAPPING.index(entry)
-    if entry.place == FIRST_STAGE:
-        return (0, 0, index)
-    if entry.place == LAYER:
-        return (1, layer, index)
-    return (2, 0, index)
-
-
-def iter_hf_weights(
-    model_chunks: Any,
-    hf_config: Any = None,
-    *,
-    to_rank: Optional[int] = 0,
-    dtype: Optional[torch.dtype] = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream the full HF-named weights of a TP/PP-sharded Qwen3, one tensor at a time.
-
-    Call it on **every rank** of the model-parallel group and run the iterator to the end on each
-    (it issues collectives; ranks that receive nothing still have to drive it).
-
-    ``to_rank``: the rank, *within this replica's tensor x pipeline group*, numbered
-    ``pp_rank * tp_size + tp_rank``, that receives the tensors (0 = first TP rank of the first
-    stage, which is global rank 0 for data-parallel replica 0); every other rank yields nothing.
-    ``None``: every rank yields every tensor.  Data-parallel replicas each run their own stream.
-
-    Tensors come in HF order (embedding, layers 0..L-1, final norm, lm head), on the model's
-    device, with vocabulary padding stripped and per-rank fusion undone.  They may share storage
-    with the model's parameters: copy before modifying.  ``dtype`` casts them (default: as stored).
-    A tied model yields no ``lm_head.weight``, as HF saves it.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    chunks = as_chunk_list(model_chunks)
-    models = [unwrap_model(c) for c in chunks]
-    arch = _chunk_arch(models[0], hf_config)
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    tp_group = parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None
-    pp_group = parallel_state.get_pipeline_model_parallel_group() if pp_size > 1 else None
-    if to_rank is not None and not 0 <= to_rank < tp_size * pp_size:
-        raise ValueError(f"to_rank={to_rank} is outside the TPxPP group of {tp_size * pp_size} ranks")
-
-    local: dict[tuple, tuple[WeightMapping, Optional[int], torch.Tensor]] = {}
-    for model in models:
-        for entry, layer, _name, param in _named_entries(model, arch):
-            if entry is _OUTPUT and arch.tie_word_embeddings:
-                continue  # the last stage's copy of a tied embedding
-            local[_order_key(entry, layer)] = (entry, layer, param)
-
-    # Which stage owns which tensor, and its dtype: one small exchange per call.
-    my_keys = sorted(local)
-    dtype_name = str(next(iter(local.values()))[2].dtype) if local else None
-    if pp_group is not None:
-        gathered: list = [None] * pp_size
-        dist.all_gather_object(gathered, (my_keys, dtype_name), group=pp_group)
-    else:
-        gathered = [(my_keys, dtype_name)]
-    owner = {key: stage for stage, (keys, _) in enumerate(gathered) for key in keys}
-    wire_dtype = getattr(torch, next(d for _, d in gathered if d).split(".")[-1])
-    device = next(iter(local.values()))[2].device if local else torch.device("cpu")
-    hf_shapes = expected_hf_shapes(arch)
-    dst_stage, dst_tp = (None, None) if to_rank is None else divmod(to_rank, tp_size)
-    i_receive = to_rank is None or (pp_rank == dst_stage and tp_rank == dst_tp)
-
-    for key in sorted(owner):
-        stage = owner[key]
-        entry, layer = QWEN3_MAPPING[key[2]], (key[1] if key[0] == 1 else None)
-        names = entry.hf_names(layer)
-        tensors: Optional[tuple[torch.Tensor, ...]] = None
-        if stage == pp_rank:
-            param = local[key][2].detach()
-            if tp_group is not None and entry.split != REPLICATED:
-                shards = [torch.empty_like(param) for _ in range(tp_size)]
-                dist.all_gather(shards, param.contiguous(), group=tp_group)
-            else:
-                shards = [param]
-            tensors = hf_from_shards(entry, shards, arch)
-        if pp_group is not None and (to_rank is None or stage != dst_stage):
-            tensors = _move_across_stages(tensors, names, hf_shapes, stage, pp_rank, dst_stage, dst_tp,
-                                          tp_rank, pp_group, wire_dtype, device)
-        if i_receive:
-            for name, tensor in zip(names, tensors):
-                yield name, (tensor if dtype is None else tensor.to(dtype))
-
-
-def _move_across_stages(tensors, names, hf_shapes, src_stage, pp_rank, dst_stage, dst_tp, tp_rank,
-                        pp_group, wire_dtype, device):
-    """Broadcast from the owner stage (to_rank=None) or send it to the one destination rank."""
-    import torch.distributed as dist
-
-    src_global = dist.get_global_rank(pp_group, src_stage)
-    if dst_stage is None:
-        out = []
-        for i, name in enumerate(names):
-            buf = tensors[i].contiguous() if pp_rank == src_stage else torch.empty(
-                hf_shapes[name], dtype=wire_dtype, device=device)
-            dist.broadcast(buf, src=src_global, group=pp_group)
-            out.append(buf)
-        return tuple(out)
-    if tp_rank != dst_tp:
-        return tensors  # this pipeline group is not on the path to the destination
-    dst_global = dist.get_global_rank(pp_group, dst_stage)
-    if pp_rank == src_stage:
-        for tensor in tensors:
-            dist.send(tensor.contiguous(), dst=dst_global, group=pp_group)
-        return tensors
-    if pp_rank == dst_stage:
-        out = []
-        for name in names:
-            buf = torch.empty(hf_shapes[name], dtype=wire_dtype, device=device)
-            dist.recv(buf, src=src_global, group=pp_group)
-            out.append(buf)
-        return tuple(out)
-    return tensors
