@@ -58,6 +58,9 @@ test-mcore-latest:
 WHEELS ?= .whl
 GPU_PYTHON ?= python3
 GPU_SITE ?= /tmp/eopd-gpu-site
+# e.g. BENCH_MODEL_ARGS="--models 0.6b --seq 4096" to fit a short device lease
+BENCH_LOSS_ARGS ?= --tokens 8192,16384,32768,65536
+BENCH_MODEL_ARGS ?=
 GPU_TESTS ?= tests/test_gpu_path_rules.py tests/test_multirank_harness.py tests/test_platform.py \
 	tests/test_config.py tests/test_qwen3_architecture.py tests/test_convert_tools.py tests/test_qwen3_multirank.py \
 	tests/test_objective_units.py tests/test_objective_reference.py tests/test_examples.py tests/test_bench_loss.py \
@@ -69,8 +72,8 @@ test-gpu:
 	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target $(GPU_SITE) .
 	PYTHONPATH=$(GPU_SITE) EOPD_MULTIRANK_DEVICE=cuda EOPD_MULTIRANK_WORLD_SIZE=$$(nvidia-smi -L | wc -l) \
 		$(GPU_PYTHON) -m pytest $(GPU_TESTS) -k "not modelopt" $(PYTEST_ARGS)
-	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_loss.py --device cuda --tokens 8192,16384,32768,65536 --kernels torch,triton
-	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_model.py --device cuda
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_loss.py --device cuda $(BENCH_LOSS_ARGS) --kernels torch,triton
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_model.py --device cuda $(BENCH_MODEL_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache
