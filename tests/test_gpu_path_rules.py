@@ -114,7 +114,7 @@ def test_rope_fusion_without_transformer_engine_installs_the_triton_kernel(monke
     from megatron_eopd.models.qwen3.model import qwen3_transformer_config
 
     monkeypatch.setattr(mcore_compat, "fused_kernels_available", lambda: _probes(True))
-    monkeypatch.setattr(mcore_compat, "_te_fused_rope", lambda: False)
+    monkeypatch.setattr(mcore_compat, "te_fused_rope", lambda: False)
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
     config = qwen3_transformer_config(ARCH, tp=1, pp=1, device=torch.device("cuda"))
     assert config.apply_rope_fusion
@@ -124,8 +124,8 @@ def test_rope_fusion_without_transformer_engine_installs_the_triton_kernel(monke
         raise AssertionError("not called here")
 
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", te_kernel)
-    monkeypatch.setattr(mcore_compat, "_te_fused_rope", lambda: True)
-    assert mcore_compat.ensure_fused_rope() == mcore_compat.ROPE_FROM_TE
+    monkeypatch.setattr(mcore_compat, "te_fused_rope", lambda: True)
+    assert rope.ensure_fused_rope() == rope.ROPE_FROM_TE
     assert rope_utils.fused_apply_rotary_pos_emb is te_kernel
 
 

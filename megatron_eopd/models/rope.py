@@ -5,7 +5,7 @@ Megatron applies RoPE to the queries and keys of every layer.  With ``apply_rope
 rotation runs as about ten elementwise kernels per tensor (cos, sin, casts, the rotate-half
 copy, products, sum, a final concatenation) and as many again in backward.  This module supplies
 a function with the same signature and semantics as one Triton kernel each way, and
-:func:`megatron_eopd.platform.mcore_compat.ensure_fused_rope` installs it where transformer-engine
+:func:`ensure_fused_rope` installs it where transformer-engine
 is absent, so Megatron's own ``apply_rope_fusion`` path runs it.
 
 The rotation, for t [s, b, heads, d] and angles f [s, 1, 1, d] (Megatron's non-interleaved
@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from megatron_eopd.platform import mcore_compat
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -114,3 +116,19 @@ def fused_apply_rotary_pos_emb(t: Tensor, freqs: Tensor, transpose_output_memory
         return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
     angles = freqs.reshape(freqs.shape[0], freqs.shape[-1]).to(torch.float32).contiguous()
     return _FusedRoPE.apply(t, angles)
+
+
+ROPE_FROM_TE = "transformer-engine"
+ROPE_FROM_TRITON = "megatron_eopd.models.rope"
+
+
+def ensure_fused_rope() -> str:
+    """Make ``apply_rope_fusion`` runnable: transformer-engine's fused RoPE where it imports, else
+    :func:`fused_apply_rotary_pos_emb` here, installed as the ``rope_utils.fused_apply_rotary_pos_emb``
+    that Megatron's config check and RoPE call read.  Returns which one is in place."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if mcore_compat.te_fused_rope():
+        return ROPE_FROM_TE
+    rope_utils.fused_apply_rotary_pos_emb = fused_apply_rotary_pos_emb
+    return ROPE_FROM_TRITON

@@ -45,7 +45,8 @@ SOFTMAX_EXTENSIONS = (
 )
 
 
-def _te_fused_rope() -> bool:
+def te_fused_rope() -> bool:
+    """Whether transformer-engine's fused RoPE is what ``rope_utils`` holds for ``apply_rope_fusion``."""
     if not have_transformer_engine():
         return False
     try:
@@ -57,33 +58,12 @@ def _te_fused_rope() -> bool:
             or getattr(rope_utils, "fused_apply_rotary_pos_emb_thd", None) is not None)
 
 
-ROPE_FROM_TE = "transformer-engine"
-ROPE_FROM_TRITON = "megatron_eopd.models.rope"
-
-
-def ensure_fused_rope() -> str:
-    """Make ``apply_rope_fusion`` runnable: transformer-engine's fused RoPE where it imports, else
-    this project's Triton kernel (:mod:`megatron_eopd.models.rope`), installed as the
-    ``rope_utils.fused_apply_rotary_pos_emb`` that Megatron's config check and RoPE call read.
-    Returns which one is in place."""
-    from megatron.core.models.common.embeddings import rope_utils
-
-    if _te_fused_rope():
-        return ROPE_FROM_TE
-    if not _imports("triton"):
-        raise RuntimeError("apply_rope_fusion needs transformer-engine or Triton; neither imports")
-    from megatron_eopd.models import rope
-
-    rope_utils.fused_apply_rotary_pos_emb = rope.fused_apply_rotary_pos_emb
-    return ROPE_FROM_TRITON
-
-
 @functools.lru_cache(maxsize=None)
 def fused_kernels_available() -> dict[str, bool]:
     """Which of Megatron-Core's optional fused kernels this installation can actually run.
 
     - ``rope_fusion``: fused RoPE for ``apply_rope_fusion``, transformer-engine's or this project's
-      Triton kernel (see :func:`ensure_fused_rope`);
+      Triton kernel (see :func:`megatron_eopd.models.rope.ensure_fused_rope`);
     - ``persist_layer_norm``: apex's persistent LayerNorm (``apex.contrib.layer_norm``);
     - ``masked_softmax_fusion``: Megatron's compiled softmax extensions (:data:`SOFTMAX_EXTENSIONS`),
       which the megatron-core wheel does not ship;
@@ -93,7 +73,7 @@ def fused_kernels_available() -> dict[str, bool]:
     All are CUDA kernels; whether to use them on a given device is the caller's decision.
     """
     return {
-        "rope_fusion": _te_fused_rope() or _imports("triton"),
+        "rope_fusion": te_fused_rope() or _imports("triton"),
         "persist_layer_norm": _imports("apex.contrib.layer_norm.layer_norm"),
         "masked_softmax_fusion": all(_imports(m) for m in SOFTMAX_EXTENSIONS),
         "jit_fusion": _imports("triton"),

@@ -114,7 +114,9 @@ def qwen3_transformer_config(
     )
     kwargs.update(overrides)
     if kwargs.get("apply_rope_fusion"):
-        mcore_compat.ensure_fused_rope()  # TE's kernel, or ours where TE is absent
+        from megatron_eopd.models import rope  # imports Triton: only when the fusion is asked for
+
+        rope.ensure_fused_rope()  # TE's kernel, or ours where TE is absent
     return mcore_compat.transformer_config(**kwargs)
 
 
