@@ -474,7 +474,8 @@ def test_parent_cuda_rope_and_fused_head():
     # The kernel (fp32 math, one rounding) is at least as close to the exact rotation as Megatron's path.
     assert (fused.double() - exact).abs().max() <= (unfused.double() - exact).abs().max() * 1.01
 
-    tokens, hidden_size, vocab, true_vocab = 4096, 1024, 151_936, 151_669
+    # 16k tokens: the logits path's two [T, V] tensors (10 GB) dwarf the fused path's fp32 weight-gradient buffer.
+    tokens, hidden_size, vocab, true_vocab = 16_384, 1024, 151_936, 151_669
     h_s = torch.randn(tokens, hidden_size, device="cuda", generator=gen, dtype=torch.bfloat16)
     h_t = torch.randn(tokens, hidden_size, device="cuda", generator=gen, dtype=torch.bfloat16)
     w_s = (torch.randn(vocab, hidden_size, device="cuda", generator=gen) * 0.05).bfloat16()

@@ -274,18 +274,14 @@ def megatron_forward_step(model, batch: Batch) -> torch.Tensor:
         return model(batch.tokens, batch.positions, None)  # [mb, s, V] logits
 
 
-def _cross_entropy_terms(terms, lo: int, hi: int):
-    return -terms.logprobs[:, 0], {}
-
-
 def megatron_fused_train_step(model, batch: Batch) -> None:
     from megatron_eopd.models.output_head import final_hidden_states, head_weight
-    from megatron_eopd.objective.fused_head import head_token_loss
+    from megatron_eopd.objective.fused_head import cross_entropy_per_token, head_token_loss
 
     with final_hidden_states(model):
         hidden = model(batch.tokens, batch.positions, None)  # [mb, s, hidden]
     flat = hidden.reshape(-1, hidden.shape[-1])
-    loss_sum, _, _ = head_token_loss(flat, head_weight(model), batch.labels.reshape(-1, 1), _cross_entropy_terms,
+    loss_sum, _, _ = head_token_loss(flat, head_weight(model), batch.labels.reshape(-1, 1), cross_entropy_per_token,
                                      want_entropy=False)
     (loss_sum / flat.shape[0]).backward()
 

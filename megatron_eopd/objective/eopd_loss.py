@@ -160,13 +160,8 @@ def eopd_loss(
     shard_kwargs = dict(vocab_start=vocab_start, true_vocab_size=true_vocab_size, chunk_tokens=config.chunk_tokens)
     teacher = _teacher_statistics(teacher, teacher_shard, ids, mask, group, config, shard_kwargs)
 
-    rows = mask.nonzero().view(-1)
+    rows, stats, k, gather_ids = _valid_tokens(ids, mask, teacher, config)
     dtype = compute_dtype(logits.dtype)
-    stats = teacher.select(rows)
-    k = min(config.topk, stats.topk)
-    gather_ids = ids.index_select(0, rows).unsqueeze(1)
-    if k:
-        gather_ids = torch.cat([gather_ids, stats.topk_ids[:, :k]], dim=1)
     terms = vocab_parallel_token_terms(
         logits,
         gather_ids,
@@ -228,13 +223,8 @@ def eopd_loss_from_hidden(
     shard_kwargs = dict(vocab_start=vocab_start, true_vocab_size=true_vocab_size, chunk_tokens=config.chunk_tokens)
     teacher = _teacher_statistics(teacher, None, ids, mask, group, config, shard_kwargs)
 
-    rows = mask.nonzero().view(-1)
+    rows, stats, k, gather_ids = _valid_tokens(ids, mask, teacher, config)
     dtype = compute_dtype(head_weight.dtype)
-    stats = teacher.select(rows)
-    k = min(config.topk, stats.topk)
-    gather_ids = ids.index_select(0, rows).unsqueeze(1)
-    if k:
-        gather_ids = torch.cat([gather_ids, stats.topk_ids[:, :k]], dim=1)
 
     def block_loss(terms: TokenTerms, lo: int, hi: int) -> tuple[Tensor, dict[str, Tensor]]:
         return _loss_per_token(terms, stats.slice(lo, hi), old_logprobs, rows[lo:hi], k, config, dtype)
@@ -246,6 +236,19 @@ def eopd_loss_from_hidden(
     normaliser = _normaliser(num_valid_tokens, rows.numel(), dtype)
     loss = loss_sum / normaliser
     return loss, _metrics_of_parts(loss, normaliser, terms, stats, config, dtype, parts)
+
+
+def _valid_tokens(ids: Tensor, mask: Tensor, teacher: TeacherTokenStats,
+                  config: EOPDLossConfig) -> tuple[Tensor, TeacherTokenStats, int, Tensor]:
+    """(rows of the valid tokens, their teacher statistics, k, the global ids whose student
+    log-probs the loss reads: the sampled token, then the teacher's top-k)."""
+    rows = mask.nonzero().view(-1)
+    stats = teacher.select(rows)
+    k = min(config.topk, stats.topk)
+    gather_ids = ids.index_select(0, rows).unsqueeze(1)
+    if k:
+        gather_ids = torch.cat([gather_ids, stats.topk_ids[:, :k]], dim=1)
+    return rows, stats, k, gather_ids
 
 
 def _loss_per_token(terms: TokenTerms, stats: TeacherTokenStats, old_logprobs: Optional[Tensor], rows: Tensor,

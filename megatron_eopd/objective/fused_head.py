@@ -50,6 +50,11 @@ DEFAULT_BLOCK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 PerTokenLoss = Callable[[TokenTerms, int, int], tuple[Tensor, dict[str, Tensor]]]
 
 
+def cross_entropy_per_token(terms: TokenTerms, lo: int, hi: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The :data:`PerTokenLoss` of plain cross entropy: -log q at the first gathered id (the label)."""
+    return -terms.logprobs[:, 0], {}
+
+
 def block_rows(num_rows: int, vocab_shard: int, device: torch.device, block_tokens: Optional[int] = None) -> int:
     """Token rows per block of the head (``block_tokens`` overrides the default)."""
     if block_tokens is not None:

@@ -114,15 +114,9 @@ def compute_teacher_stats(
     Communication per chunk of tokens: one all-reduce MAX, one all-reduce SUM, one all-gather of
     the local top-k candidates.
     """
-    if topk < 0:
-        raise ValueError(f"topk must be >= 0, got {topk}")
-    vocab_shard = teacher_logits.shape[-1]
-    logits = teacher_logits.reshape(-1, vocab_shard)
-    ids = sampled_ids.reshape(-1).to(torch.int64)
-    if ids.numel() != logits.shape[0]:
-        raise ValueError(f"{ids.numel()} sampled ids for {logits.shape[0]} tokens of teacher logits")
+    logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    ids, rows = _checked_tokens(topk, sampled_ids, response_mask, logits, "teacher logits")
     tokens = logits.shape[0]
-    rows = _rows_of(response_mask, tokens, logits.device)
     summary = vocab_parallel_summary(
         logits,
         group,
@@ -137,12 +131,20 @@ def compute_teacher_stats(
     return _placed(summary, rows, tokens, temperature)
 
 
-def _rows_of(response_mask: Optional[Tensor], tokens: int, device: torch.device) -> Tensor:
+def _checked_tokens(topk: int, sampled_ids: Tensor, response_mask: Optional[Tensor], per_token: Tensor,
+                    what: str) -> tuple[Tensor, Tensor]:
+    """(flat int64 sampled ids, rows to compute) for ``per_token`` [T, ...], checked against T."""
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}")
+    tokens = per_token.shape[0]
+    ids = sampled_ids.reshape(-1).to(torch.int64)
+    if ids.numel() != tokens:
+        raise ValueError(f"{ids.numel()} sampled ids for {tokens} tokens of {what}")
     if response_mask is None:
-        return torch.arange(tokens, device=device)
+        return ids, torch.arange(tokens, device=per_token.device)
     if response_mask.numel() != tokens:
         raise ValueError(f"response_mask has {response_mask.numel()} entries for {tokens} tokens")
-    return response_mask.reshape(-1).nonzero().view(-1)
+    return ids, response_mask.reshape(-1).nonzero().view(-1)
 
 
 def _placed(summary: DistributionSummary, rows: Tensor, tokens: int, temperature: float) -> TeacherTokenStats:
@@ -189,14 +191,9 @@ def compute_teacher_stats_from_hidden(
     blocks of the masked-in tokens only (:func:`~.fused_head.head_summary`), so the teacher's
     [tokens, V/TP] logits never exist.
     """
-    if topk < 0:
-        raise ValueError(f"topk must be >= 0, got {topk}")
     flat = hidden.reshape(-1, hidden.shape[-1])
-    ids = sampled_ids.reshape(-1).to(torch.int64)
+    ids, rows = _checked_tokens(topk, sampled_ids, response_mask, flat, "teacher hidden states")
     tokens = flat.shape[0]
-    if ids.numel() != tokens:
-        raise ValueError(f"{ids.numel()} sampled ids for {tokens} tokens of teacher hidden states")
-    rows = _rows_of(response_mask, tokens, flat.device)
     summary = head_summary(
         flat.index_select(0, rows), head_weight, group, sampled_ids=ids.index_select(0, rows), topk=topk,
         vocab_start=vocab_start, true_vocab_size=true_vocab_size, temperature=temperature,

@@ -21,7 +21,7 @@ from megatron_eopd.errors import EOPDError
 from megatron_eopd.models.forward import MicroBatch, run_micro_batches
 from megatron_eopd.models.output_head import FinalHidden
 from megatron_eopd.objective import EOPDLossConfig, eopd_loss, eopd_loss_from_hidden, vocab_parallel_logprobs
-from megatron_eopd.objective.fused_head import head_logprobs, head_token_loss
+from megatron_eopd.objective.fused_head import cross_entropy_per_token, head_logprobs, head_token_loss
 from megatron_eopd.platform import collective_device
 from megatron_eopd.trainer.batch import StepBatch
 from megatron_eopd.trainer.teacher import TeacherOutputs
@@ -195,8 +195,8 @@ def _sft_loss_sum(output: Any, mb: MicroBatch, tp_group: Any, true_vocab_size: i
     _, rows = _response_rows(mb)
     hidden = output.hidden.reshape(-1, output.hidden.shape[-1]).index_select(0, rows)
     labels = mb.extras["labels"].reshape(-1).index_select(0, rows).unsqueeze(1)
-    loss_sum, _, _ = head_token_loss(hidden, output.weight, labels, lambda terms, lo, hi: (-terms.logprobs[:, 0], {}),
-                                     tp_group, want_entropy=False, true_vocab_size=true_vocab_size)
+    loss_sum, _, _ = head_token_loss(hidden, output.weight, labels, cross_entropy_per_token, tp_group,
+                                     want_entropy=False, true_vocab_size=true_vocab_size)
     return loss_sum
 
 
