@@ -6,6 +6,7 @@ on CPU).  The fallback runs everywhere, so these interface checks stay meaningfu
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -239,3 +240,20 @@ def test_hf_fallback_processed_logprobs_follow_the_sampler(tiny_dir, hf_model):
         .squeeze(-1)
     )
     torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_vllm_cpu_engine_processes_yield_to_training(engine):
+    """vLLM-CPU's worker busy-polls for 1 s after each call; on CPU its threads run at the lowest priority."""
+    import psutil
+
+    from megatron_eopd.rollout.vllm_engine import CPU_ENGINE_NICENESS, _vllm_on_cpu
+
+    if engine.name != "vllm" or not _vllm_on_cpu():
+        pytest.skip("only vLLM on CPU shares its cores with training")
+    engine.generate(PROMPTS[:1], SamplingSettings(max_tokens=4, seed=1))  # threads the first call starts too
+    processes = [psutil.Process(pid) for pid in engine.engine_pids]
+    assert any(p.name().startswith("VLLM::Worker") for p in processes), [p.name() for p in processes]
+    for process in processes:
+        for thread in process.threads():
+            assert os.getpriority(os.PRIO_PROCESS, thread.id) == CPU_ENGINE_NICENESS, (process.name(), thread.id)
+    assert os.getpriority(os.PRIO_PROCESS, 0) < CPU_ENGINE_NICENESS  # the trainer itself is left alone
