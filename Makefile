@@ -49,7 +49,7 @@ test-mcore-latest:
 	$(VENV_LATEST)/bin/python -m pip install -q --no-deps -e .
 	$(VENV_LATEST)/bin/python -m pytest tests/test_platform.py tests/test_config.py tests/test_qwen3_architecture.py \
 		tests/test_convert_tools.py tests/test_qwen3_multirank.py tests/test_objective_units.py \
-		tests/test_objective_reference.py -k "not modelopt" $(PYTEST_ARGS)
+		tests/test_objective_reference.py tests/test_activation_recompute.py -k "not modelopt" $(PYTEST_ARGS)
 
 # A CUDA machine with Python 3.12 and torch preinstalled and no network (the lent H100/H200 image):
 # megatron-core from the wheel directory $(WHEELS) and the project, both --no-deps into $(GPU_SITE)
@@ -64,7 +64,7 @@ BENCH_MODEL_ARGS ?=
 GPU_TESTS ?= tests/test_gpu_path_rules.py tests/test_multirank_harness.py tests/test_platform.py \
 	tests/test_config.py tests/test_qwen3_architecture.py tests/test_convert_tools.py tests/test_qwen3_multirank.py \
 	tests/test_objective_units.py tests/test_objective_reference.py tests/test_examples.py tests/test_bench_loss.py \
-	tests/test_triton_kernels.py tests/test_bench_model.py
+	tests/test_triton_kernels.py tests/test_bench_model.py tests/test_activation_recompute.py
 test-gpu:
 	$(GPU_PYTHON) -c "import sys, torch; assert sys.version_info >= (3, 12), sys.version; \
 		assert torch.cuda.is_available(), 'test-gpu needs a CUDA device'; print('torch', torch.__version__)"

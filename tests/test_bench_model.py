@@ -67,6 +67,25 @@ def test_quick_cpu_run_prints_a_row_per_framework_and_micro_batch():
     assert "67.1k" in out and "41.7k" in out and "27.1k" in out
 
 
+def test_recompute_option_runs_recomputing_students_only():
+    """``--recompute full``: the Megatron students run with it (and say so), the forward-only teacher without."""
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--quick", "--device", "cpu", "--recompute", "full",
+         "--frameworks", "megatron,megatron-fused", "--micro-batches", "1"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _table_rows(proc.stdout, "framework / variant")
+    labels = {(cells[1], cells[0]) for cells in rows}
+    assert labels == {
+        ("tiny", "megatron (local spec, sdpa attn, full recompute)"),
+        ("tiny", "megatron-fused (local spec, sdpa attn, fused head, full recompute)"),
+        ("tiny-untied (teacher)", "megatron (local spec, sdpa attn)"),
+        ("tiny-untied (teacher)", "megatron-fused (local spec, sdpa attn, fused head)"),
+    }, labels
+    assert all(float(cells[6].replace(",", "")) > 0 for cells in rows), proc.stdout
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_flops_formula_matches_an_independent_count(tied):
     """N = the HF model's parameters without the input embedding; the matmul FLOPs torch counts in

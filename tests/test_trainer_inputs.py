@@ -265,6 +265,32 @@ def test_dry_run_of_paper_presets_without_weights(preset, cli_runs):
     assert memory["peak_while_training"] < 80 and memory["peak_while_sampling"] < 80
 
 
+def test_memory_plan_with_full_recompute():
+    """``train.recompute=full``: a stage keeps each layer's bf16 input plus one layer's activations."""
+    from megatron_eopd.config import ConfigError
+    from megatron_eopd.models.qwen3 import QWEN3_PRESETS
+    from megatron_eopd.trainer.config import estimate_memory_gib, load_train_config
+
+    student, teacher = QWEN3_PRESETS["Qwen3-4B"], QWEN3_PRESETS["Qwen3-8B"]
+    stored = load_train_config("eopd_qwen3_4b")
+    recomputed = load_train_config("eopd_qwen3_4b", ["train.recompute=full"])
+    assert (stored.train.recompute, recomputed.train.recompute) == ("none", "full")
+    tp, pp, dp = 2, 2, 4
+    tokens = stored.train.micro_batch_size * (stored.data.max_prompt_tokens + stored.rollout.sampling.max_tokens)
+    one_layer = 34 * student.hidden_size * tokens / tp
+    without = estimate_memory_gib(stored, student, teacher, tp, pp, dp)
+    with_recompute = estimate_memory_gib(recomputed, student, teacher, tp, pp, dp)
+    layers_per_stage = student.num_layers // pp
+    assert without["student_activations"] == pytest.approx(one_layer * layers_per_stage / GIB, abs=0.006)
+    assert with_recompute["student_activations"] == pytest.approx(
+        (2 * student.hidden_size * tokens * layers_per_stage + one_layer) / GIB, abs=0.006)
+    assert with_recompute["student_activations"] < without["student_activations"] / 5
+    assert {k: v for k, v in with_recompute.items() if "activations" not in k and "peak" not in k} == {
+        k: v for k, v in without.items() if "activations" not in k and "peak" not in k}
+    with pytest.raises(ConfigError, match="train.recompute"):
+        load_train_config("eopd_qwen3_4b", ["train.recompute=selective"])
+
+
 def test_real_run_of_a_preset_still_needs_the_weights(cli_runs):
     proc, _, run_dir = cli_runs["real run: eopd_qwen3_0.6b"]
     _assert_one_line_error(proc, ["student.hf_dir='checkpoints/Qwen3-0.6B-Base'", "no config.json"])

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "tools" / "train_eopd.py")
@@ -179,10 +180,13 @@ def test_task_student_cannot_split_its_heads(models, tmp_path):
         plan_layout(config, 2)
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2"])
-def test_two_rank_layouts_match_one_process(models, golden_tp1, layout, tmp_path):
+@pytest.mark.parametrize("layout,recompute", [("parallel.tensor=2", "none"), ("parallel.pipeline=2", "full")])
+def test_two_rank_layouts_match_one_process(models, golden_tp1, layout, recompute, tmp_path):
+    """TP=2 and PP=2 reproduce TP=1; the PP=2 run also recomputes the student's activations, which
+    must not change a number either."""
     run_dir = tmp_path / "run"
-    _run(_command(models, run_dir, "train.iterations=2", layout, ranks=2))
+    _run(_command(models, run_dir, "train.iterations=2", layout, f"train.recompute={recompute}", ranks=2))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["recompute"] == recompute
     meta = json.loads((run_dir / "checkpoints" / "iter_0000002" / "eopd_checkpoint.json").read_text())
     key = "tensor_model_parallel_size" if "tensor" in layout else "pipeline_model_parallel_size"
     assert meta[key] == 2

@@ -39,6 +39,9 @@ over the warm-up and timed steps minus ``torch.cuda.memory_allocated`` before th
 built, so weights, gradients, activations and logits all count (comparable with the absolute
 peaks of the reference measurements, where nothing else was allocated); on the CPU: "n/a".
 
+``--recompute full`` builds the Megatron students with ``train.recompute=full`` (each layer re-run
+in backward from its input): the same FLOPs are counted, so MFU then shows the cost of recomputing.
+
 FLOPs (the "model FLOPs" of the MFU convention, no causal discount, no recomputation counted):
 
     MFU = [6·N·T + 12·L·(H_q·d_head)·s·T] / t / peak_flops        forward + backward
@@ -185,24 +188,28 @@ def build_hf(arch: Qwen3Arch, dtype: torch.dtype, device: torch.device, attn_imp
     return model.to(device=device)
 
 
-def build_megatron(arch: Qwen3Arch, dtype: torch.dtype, layer_spec: str, attention: str):
+def build_megatron(arch: Qwen3Arch, dtype: torch.dtype, layer_spec: str, attention: str, recompute: str = "none"):
     from megatron_eopd.models.qwen3 import build_qwen3_gpt
 
     extra = {"attention_backend": attention} if layer_spec == "local" else {}
-    return build_qwen3_gpt(arch, params_dtype=dtype, layer_spec=layer_spec, **extra)
+    return build_qwen3_gpt(arch, params_dtype=dtype, layer_spec=layer_spec, recompute=recompute, **extra)
 
 
-def build_model(framework: str, arch: Qwen3Arch, args: argparse.Namespace, device: torch.device):
-    """The model of one framework on ``device`` in ``args.dtype`` (random init)."""
+def build_model(framework: str, arch: Qwen3Arch, args: argparse.Namespace, device: torch.device,
+                training: bool = True):
+    """The model of one framework on ``device`` in ``args.dtype`` (random init); ``--recompute``
+    applies to Megatron students (a forward-only teacher keeps no activations to recompute)."""
     dtype = DTYPES[args.dtype]
     if framework in ("megatron", "megatron-fused"):
-        return build_megatron(arch, dtype, args.layer_spec, args.attention)
+        return build_megatron(arch, dtype, args.layer_spec, args.attention,
+                              recompute=args.recompute if training else "none")
     return build_hf(arch, dtype, device)
 
 
-def framework_label(framework: str, args: argparse.Namespace) -> str:
+def framework_label(framework: str, args: argparse.Namespace, training: bool = True) -> str:
     if framework in ("megatron", "megatron-fused"):
         head = ", fused head" if framework == "megatron-fused" else ""
+        head += ", full recompute" if training and args.recompute == "full" else ""
         if args.layer_spec == "local":
             return f"{framework} (local spec, {args.attention} attn{head})"
         return f"{framework} (te spec{head})"
@@ -371,7 +378,7 @@ def measure(step: Callable, model, arch: Qwen3Arch, seq: int, micro_batch: int, 
 
 # ----------------------------------------------------------------------------------- driver
 def _row(framework, args, model_name, training, seq, micro_batch, **fields) -> dict:
-    row = dict(framework=framework, variant=framework_label(framework, args), model=model_name,
+    row = dict(framework=framework, variant=framework_label(framework, args, training), model=model_name,
                role="student" if training else "teacher", step="fwd+bwd" if training else "fwd",
                seq=seq, micro_batch=micro_batch, status="ok", ms=None, tokens_per_s=None, tflops=None,
                mfu=None, peak_gib=None, weights_gib=None, note="")
@@ -397,7 +404,7 @@ def bench_model(framework: str, model_name: str, training: bool, args, device: t
     memory_start = torch.cuda.memory_allocated() if device.type == "cuda" else None
     model, failure = None, None
     try:
-        model = build_model(framework, arch, args, device)
+        model = build_model(framework, arch, args, device, training=training)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is a result; anything else re-raises
         if not is_out_of_memory(exc):
             raise
@@ -682,6 +689,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="core attention of the Megatron local spec (models/attention.py); default sdpa")
     parser.add_argument("--layer-spec", choices=["local", "te"], default=None,
                         help="Megatron layer spec (default: te when transformer-engine imports, else local)")
+    parser.add_argument("--recompute", choices=["none", "full"], default="none",
+                        help="activation recomputation of the Megatron students (train.recompute); default none")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak for MFU")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     parser.add_argument("--quick", action="store_true",

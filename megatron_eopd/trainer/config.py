@@ -101,6 +101,10 @@ class TrainConfig:
     the teacher statistics, over blocks of response tokens, so no [tokens, V/TP] logits (nor their
     gradient) exist; the losses are those of the logits up to matmul rounding.  The full-vocabulary
     loss options (``loss.fkl_mode=full``, ``loss.rkl_mode=analytic``) always use the logits.
+    ``recompute``: the student's activation recomputation; ``full`` keeps only each transformer
+    layer's input for backward and runs the layer again there (Megatron's full granularity, one
+    layer at a time): the same gradients for about a third more student compute, and room for
+    longer responses or a larger micro-batch.
     """
 
     mode: Literal["eopd", "sft"] = "eopd"
@@ -113,6 +117,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     sft_end_token: str = "<|im_end|>"
     fused_output_layer: bool = True
+    recompute: Literal["none", "full"] = "none"
 
     def __post_init__(self):
         for name in ("epochs", "prompts_per_iteration", "mini_batch_size", "micro_batch_size"):
@@ -344,6 +349,14 @@ def plan_layout(config: EOPDTrainConfig, world_size: int, *, num_prompts: Option
     )
 
 
+def _student_activation_bytes(recompute: str, student: Qwen3Arch, tokens: int, tp: int, pp: int) -> float:
+    layer = 34 * student.hidden_size * tokens / tp  # everything one layer keeps for backward
+    layers = student.num_layers / pp
+    if recompute == "full":
+        return 2 * student.hidden_size * tokens * layers + layer
+    return layer * layers
+
+
 def estimate_memory_gib(config: EOPDTrainConfig, student: Qwen3Arch, teacher: Optional[Qwen3Arch],
                         tp: int, pp: int, dp: int) -> dict:
     """A per-GPU memory plan in GiB (an estimate from sizes, not a measurement).
@@ -351,7 +364,9 @@ def estimate_memory_gib(config: EOPDTrainConfig, student: Qwen3Arch, teacher: Op
     Student: bf16 weights (2 B/param) and fp32 gradient buffer (4 B) per model-parallel shard, plus
     fp32 master weights and two Adam moments (12 B), sharded over DP by the distributed optimizer.
     Teacher: bf16 weights only.  Activations: about 34 bytes x hidden per token per layer for a
-    micro-batch held by one stage (no recomputation), plus one fp32 chunk of the loss.  The rollout
+    micro-batch held by one stage; with ``train.recompute=full`` the stage keeps each layer's bf16
+    input (2 bytes x hidden per token, replicated over TP) and one layer's activations live at a time.
+    Plus one fp32 chunk of the loss.  The rollout
     engine's share is ``rollout.gpu_memory_utilization`` of an 80 GB GPU while it is awake (during
     sampling, next to the resident weights and optimizer states); asleep it holds none.
     """
@@ -363,7 +378,7 @@ def estimate_memory_gib(config: EOPDTrainConfig, student: Qwen3Arch, teacher: Op
     out = {
         "student_weights_and_grads": student_params * (2 + 4) / gib,
         "optimizer_states": student_params * 12 / max(dp, 1) / gib,
-        "student_activations": 34 * student.hidden_size * tokens * (student.num_layers / pp) / tp / gib,
+        "student_activations": _student_activation_bytes(config.train.recompute, student, tokens, tp, pp) / gib,
     }
     if teacher is not None:
         out["teacher_weights"] = teacher.total_parameters() / shard * 2 / gib

@@ -47,15 +47,16 @@ def build_teacher(spec: ModelSpec, dtype: torch.dtype) -> list:
 
 
 def build_student(spec: ModelSpec, dtype: torch.dtype, optim: OptimConfig, total_steps: int,
-                  *, load: bool = True) -> Optimization:
-    """The student with DDP, optimizer and schedule; ``load=False`` when a checkpoint will fill it."""
+                  *, recompute: str = "none", load: bool = True) -> Optimization:
+    """The student with DDP, optimizer and schedule; ``load=False`` when a checkpoint will fill it.
+    ``recompute``: activation recomputation, see ``build_qwen3_gpt``."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    model = build_qwen3_gpt(spec.hf_dir, params_dtype=dtype, perform_initialization=False,
+    model = build_qwen3_gpt(spec.hf_dir, params_dtype=dtype, perform_initialization=False, recompute=recompute,
                             calculate_per_token_loss=True)
     if load:
         load_weights(model, spec)

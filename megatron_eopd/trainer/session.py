@@ -150,7 +150,8 @@ def open_session(config: EOPDTrainConfig, *, resume: bool = False) -> Session:
     clean_partial_writes(checkpoint_root)
     dtype = run_dtype(config.train.precision, platform.device)
     steps = layout.iterations * layout.optimizer_steps_per_iteration
-    student = build_student(config.student, dtype, config.optim, steps, load=checkpoint is None)
+    student = build_student(config.student, dtype, config.optim, steps, recompute=config.train.recompute,
+                            load=checkpoint is None)
     state = RunState()
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, student)

@@ -20,6 +20,12 @@ LAYER_SPEC_LOCAL = "local"
 # Core attention of the local spec: torch SDPA (default) or Megatron's DotProductAttention.
 ATTENTION_SDPA = "sdpa"
 ATTENTION_MEGATRON = "megatron"
+# Activation recomputation: "none" keeps every layer's activations for backward; "full" keeps only
+# each transformer layer's input and runs the layer again in backward (about one more forward pass
+# of compute for a fraction of the activation memory).
+RECOMPUTE_NONE = "none"
+RECOMPUTE_FULL = "full"
+RECOMPUTE_MODES = (RECOMPUTE_NONE, RECOMPUTE_FULL)
 
 
 def default_layer_spec_name() -> str:
@@ -45,6 +51,20 @@ def fusion_flags(device: torch.device) -> dict[str, bool]:
         "bias_dropout_fusion": on_cuda and available["jit_fusion"],
         "bias_activation_fusion": on_cuda and available["jit_fusion"],
     }
+
+
+def recompute_overrides(mode: str) -> dict[str, Any]:
+    """``TransformerConfig`` fields for activation recomputation ``mode`` (see :data:`RECOMPUTE_MODES`).
+
+    ``"full"`` is Megatron's full granularity with the uniform method over one layer at a time: each
+    layer's input is the only activation kept, the layer is re-run under the saved RNG state in
+    backward, so gradients are exactly those without recomputation.
+    """
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {list(RECOMPUTE_MODES)}, got {mode!r}")
+    if mode == RECOMPUTE_NONE:
+        return {}
+    return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 
 def local_layer_spec(attention_backend: str = ATTENTION_SDPA):
@@ -153,6 +173,7 @@ def build_qwen3_gpt(
     vocab_divisor: int = DEFAULT_VOCAB_DIVISOR,
     vp_stage: Optional[int] = None,
     attention_backend: Optional[str] = None,
+    recompute: str = RECOMPUTE_NONE,
     **config_overrides: Any,
 ):
     """Build this rank's ``GPTModel`` chunk of a Qwen3 model under Megatron's current parallel state.
@@ -161,7 +182,8 @@ def build_qwen3_gpt(
     ``pre_process``/``post_process`` default to "this rank is the first/last pipeline stage".
     ``layer_spec``: ``"te"`` or ``"local"``; default TE when importable.  ``attention_backend``
     (local spec only): ``"sdpa"`` (default) or ``"megatron"``, see :func:`local_layer_spec`; the TE
-    spec always uses transformer-engine's attention.  Extra keyword arguments
+    spec always uses transformer-engine's attention.  ``recompute``: activation recomputation in
+    training, ``"none"`` or ``"full"`` (:func:`recompute_overrides`).  Extra keyword arguments
     override ``TransformerConfig`` fields (e.g. ``perform_initialization=False`` before loading).
     The vocabulary is padded to :func:`padded_vocab_size` rows; padded logits must be ignored.
 
@@ -188,7 +210,7 @@ def build_qwen3_gpt(
         raise ValueError(f"layer_spec must be 'te' or 'local', got {spec_name!r}")
     device = platform_dist.default_device()
     config = qwen3_transformer_config(arch, tp=tp, pp=pp, params_dtype=params_dtype, device=device,
-                                      **config_overrides)
+                                      **{**recompute_overrides(recompute), **config_overrides})
     if spec_name == LAYER_SPEC_TE:
         if attention_backend is not None:
             raise ValueError(f"attention_backend={attention_backend!r} applies to the local layer spec only; "
