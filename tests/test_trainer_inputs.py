@@ -291,6 +291,29 @@ def test_memory_plan_with_full_recompute():
         load_train_config("eopd_qwen3_4b", ["train.recompute=selective"])
 
 
+def test_memory_plan_of_the_loss_follows_the_fused_output_layer():
+    """Fused (the default): one block of logits, its gradient and an fp32 copy, plus the fp32 weight-gradient
+    accumulator; unfused, or a loss that reads full logits: the micro-batch's logits shard and its gradient."""
+    from megatron_eopd.models.qwen3 import QWEN3_PRESETS, padded_vocab_size
+    from megatron_eopd.objective.fused_head import DEFAULT_BLOCK_ELEMENTS
+    from megatron_eopd.trainer.config import estimate_memory_gib, load_train_config
+
+    student, teacher, tp = QWEN3_PRESETS["Qwen3-1.7B"], QWEN3_PRESETS["Qwen3-8B"], 2
+    shard = padded_vocab_size(student.vocab_size, tp) // tp
+    fused = load_train_config("eopd_qwen3_1.7b")
+    tokens = fused.train.micro_batch_size * (fused.data.max_prompt_tokens + fused.rollout.sampling.max_tokens)
+    block_rows = DEFAULT_BLOCK_ELEMENTS["cuda"] // shard
+    assert 1 < block_rows < tokens  # the block is a real part of the micro-batch
+    plan = estimate_memory_gib(fused, student, teacher, tp, 1, 4)
+    assert "logits_shards" not in plan
+    assert plan["output_layer_blocks"] == pytest.approx(
+        (block_rows * shard * 8 + shard * student.hidden_size * 4) / GIB, abs=0.006)
+    for overrides in (["train.fused_output_layer=false"], ["loss.fkl_mode=full"]):
+        plan = estimate_memory_gib(load_train_config("eopd_qwen3_1.7b", overrides), student, teacher, tp, 1, 4)
+        assert "output_layer_blocks" not in plan, overrides
+        assert plan["logits_shards"] == pytest.approx(2 * tokens * shard * 2 / GIB, abs=0.006), overrides
+
+
 def test_real_run_of_a_preset_still_needs_the_weights(cli_runs):
     proc, _, run_dir = cli_runs["real run: eopd_qwen3_0.6b"]
     _assert_one_line_error(proc, ["student.hf_dir='checkpoints/Qwen3-0.6B-Base'", "no config.json"])

@@ -17,6 +17,7 @@ from typing import Iterable, Literal, Optional
 from megatron_eopd.config import ConfigError, build_config
 from megatron_eopd.models.qwen3 import QWEN3_PRESETS, Qwen3Arch, padded_vocab_size, parse_hf_config, validate_parallelism
 from megatron_eopd.objective import EOPDLossConfig
+from megatron_eopd.objective.fused_head import DEFAULT_BLOCK_ELEMENTS
 from megatron_eopd.platform import launch_ranks_per_node
 from megatron_eopd.rollout import RolloutConfig
 from megatron_eopd.trainer.rollouts import engine_host_ranks
@@ -227,6 +228,12 @@ class EOPDTrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @property
+    def fused_head(self) -> bool:
+        """Whether the output layers run inside the loss: ``train.fused_output_layer``, unless the
+        loss reads the teacher's full logits (``loss.fkl_mode=full`` / ``loss.rkl_mode=analytic``)."""
+        return self.train.fused_output_layer and not self.loss.needs_teacher_logits
+
 
 def preset_path(name_or_path: str) -> Path:
     """A preset name (``eopd_qwen3_4b``) or a YAML path."""
@@ -366,9 +373,11 @@ def estimate_memory_gib(config: EOPDTrainConfig, student: Qwen3Arch, teacher: Op
     Teacher: bf16 weights only.  Activations: about 34 bytes x hidden per token per layer for a
     micro-batch held by one stage; with ``train.recompute=full`` the stage keeps each layer's bf16
     input (2 bytes x hidden per token, replicated over TP) and one layer's activations live at a time.
-    Plus one fp32 chunk of the loss.  The rollout
-    engine's share is ``rollout.gpu_memory_utilization`` of an 80 GB GPU while it is awake (during
-    sampling, next to the resident weights and optimizer states); asleep it holds none.
+    The loss: the bf16 logits shard and its gradient for the micro-batch; with the output layer fused
+    into the loss (the default) one block of them with an fp32 working copy, plus the fp32
+    accumulator of the output weight's gradient.  The rollout engine's share is
+    ``rollout.gpu_memory_utilization`` of an 80 GB GPU while it is awake (during sampling, next to
+    the resident weights and optimizer states); asleep it holds none.
     """
     gib = 1024**3
     shard = tp * pp
@@ -383,7 +392,12 @@ def estimate_memory_gib(config: EOPDTrainConfig, student: Qwen3Arch, teacher: Op
     if teacher is not None:
         out["teacher_weights"] = teacher.total_parameters() / shard * 2 / gib
         out["teacher_activations"] = 4 * teacher.hidden_size * tokens / tp / gib  # forward only: one layer live
-    out["logits_shards"] = 2 * tokens * padded_vocab_size(student.vocab_size, tp) / tp * 2 / gib
+    vocab_shard = padded_vocab_size(student.vocab_size, tp) // tp
+    if config.fused_head:
+        block = min(tokens, max(1, DEFAULT_BLOCK_ELEMENTS["cuda"] // vocab_shard)) * vocab_shard
+        out["output_layer_blocks"] = (block * (2 + 2 + 4) + vocab_shard * student.hidden_size * 4) / gib
+    else:
+        out["logits_shards"] = 2 * tokens * vocab_shard * 2 / gib
     resident = sum(v for k, v in out.items() if "weights" in k or "optimizer" in k)
     out["peak_while_training"] = sum(out.values())  # the engine sleeps: it holds no GPU memory
     engine = (config.rollout.gpu_memory_utilization or 0.85) * GPU_MEMORY_GIB

@@ -104,7 +104,7 @@ def make_steps(session: Session, samples: list[Sample]) -> list[StepBatch]:
 
 def _fused_head(session: Session) -> bool:
     """Whether the output layers run inside the loss (train.fused_output_layer, unless the loss reads full logits)."""
-    return session.config.train.fused_output_layer and not session.config.loss.needs_teacher_logits
+    return session.config.fused_head
 
 
 def teacher_statistics(session: Session, steps: list[StepBatch], iteration: int) -> list:
