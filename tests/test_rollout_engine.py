@@ -257,3 +257,33 @@ def test_vllm_cpu_engine_processes_yield_to_training(engine):
         for thread in process.threads():
             assert os.getpriority(os.PRIO_PROCESS, thread.id) == CPU_ENGINE_NICENESS, (process.name(), thread.id)
     assert os.getpriority(os.PRIO_PROCESS, 0) < CPU_ENGINE_NICENESS  # the trainer itself is left alone
+
+
+@pytest.mark.vllm
+def test_reload_fallback_warning_is_dropped_only_while_an_update_finishes(caplog):
+    """The worker extension names vLLM's logger and message exactly, drops that one message inside its
+    context, and leaves every other record and every use outside it alone."""
+    import inspect
+    import logging
+
+    if not vllm_importable():
+        pytest.skip("vllm is not importable in this environment")
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    from megatron_eopd.rollout.worker_extension import (RELOAD_FALLBACK_MESSAGE, RELOAD_LOGGER,
+                                                        reload_fallback_warnings_dropped)
+
+    assert layerwise.logger.name == RELOAD_LOGGER
+    assert f'"{RELOAD_FALLBACK_MESSAGE}"' in inspect.getsource(layerwise)
+    logger = logging.getLogger(RELOAD_LOGGER)
+    propagate, logger.propagate = logger.propagate, True  # vLLM's own handler may stop propagation
+    try:
+        with caplog.at_level(logging.WARNING, logger=RELOAD_LOGGER):
+            with reload_fallback_warnings_dropped():
+                logger.warning(RELOAD_FALLBACK_MESSAGE, "RotaryEmbedding")
+                logger.warning("%s: something else", "RotaryEmbedding")
+            logger.warning(RELOAD_FALLBACK_MESSAGE, "ParallelLMHead")
+    finally:
+        logger.propagate = propagate
+    assert [r.getMessage() for r in caplog.records if r.name == RELOAD_LOGGER] == [
+        "RotaryEmbedding: something else", "ParallelLMHead: Failed to load weights"]

@@ -334,6 +334,11 @@ def test_tiny_job_under_sbatch(slurm_cluster, tmp_path):
     assert len(rows) == TINY_ITERATIONS and all("iteration" in row for row in rows), rows
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert (run_dir / "final_hf" / "config.json").is_file()
+    # The weights reached vLLM's worker after every iteration without its per-layer reload-fallback
+    # warning (dropped by the worker extension: the rotary cache and a tied head are not checkpoint tensors).
+    assert all(row["time_sync"] > 0 for row in rows), rows
+    assert "(Worker pid=" in train_logs, train_logs[-3000:]
+    assert "Failed to load weights" not in train_logs, train_logs[-3000:]
 
 
 @pytest.mark.slurm

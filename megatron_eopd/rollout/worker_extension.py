@@ -23,6 +23,8 @@ Keep this module light: it is imported by every vLLM worker process.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any, Callable, Iterator
 
 import torch
@@ -96,6 +98,33 @@ def refresh_tied_embedding_kernels(model: torch.nn.Module) -> int:
     return refreshed
 
 
+# vLLM's layer-wise reload logs "<Layer>: Failed to load weights" for every layer that has loadable
+# tensors but received none.  In a weight update that is the rotary embedding (its cos/sin cache is
+# computed, never a checkpoint tensor) and an LM head tied to the embedding (written through the
+# embedding): two warnings per engine and sync, thousands over a run, each sounding like a failure.
+# A parameter that really was not written is reported by eopd_finish_weight_update instead, and a
+# strict sync (the default) stops on it, so the message is dropped while an update finishes.
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+RELOAD_FALLBACK_MESSAGE = "%s: Failed to load weights"
+
+
+class _DropReloadFallbackWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != RELOAD_FALLBACK_MESSAGE
+
+
+@contextlib.contextmanager
+def reload_fallback_warnings_dropped():
+    """While active, vLLM's per-layer reload-fallback warning (see :data:`RELOAD_FALLBACK_MESSAGE`) is not logged."""
+    logger = logging.getLogger(RELOAD_LOGGER)
+    dropper = _DropReloadFallbackWarnings()
+    logger.addFilter(dropper)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropper)
+
+
 class WeightSyncWorkerExtension:
     """Mixed into vLLM's worker class: ``self`` is the worker (``model_runner``, ``vllm_config``)."""
 
@@ -141,7 +170,7 @@ class WeightSyncWorkerExtension:
 
         model = self._eopd_model()
         api = _layerwise_reload_api()
-        with set_current_vllm_config(self.vllm_config):
+        with set_current_vllm_config(self.vllm_config), reload_fallback_warnings_dropped():
             if api is not None:
                 api[1](model, self.vllm_config.model_config)
             refresh_tied_embedding_kernels(model)
