@@ -4,6 +4,10 @@ Each component owns the dataclass of its own settings (the loss its ``EOPDLossCo
 engine its ``RolloutConfig``...) and validates it in ``__post_init__``.  This module only knows how
 to build any such dataclass tree from plain data, so a YAML preset and ``loss.tau=1.2`` on the
 command line go through the same typed path and a typo fails loudly instead of being ignored.
+
+Names: a ``*Config`` dataclass is a section of this schema (``rollout.sampling`` is a
+``SamplingConfig``); a ``*Settings`` dataclass is not, but the arguments of one call or the record
+of one result (``HeldoutSettings`` of a held-out evaluation, ``EvalSettings`` in an output file).
 """
 
 from __future__ import annotations

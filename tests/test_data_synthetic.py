@@ -203,7 +203,7 @@ def test_vllm_serves_a_task_model_with_the_hf_models_log_probs(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_eopd.rollout import RolloutConfig, SamplingSettings, create_rollout_engine
+    from megatron_eopd.rollout import RolloutConfig, SamplingConfig, create_rollout_engine
     from megatron_eopd.rollout.engine import vllm_importable
     from megatron_eopd.rollout.parity import hf_sequence_logprobs
 
@@ -213,10 +213,10 @@ def test_vllm_serves_a_task_model_with_the_hf_models_log_probs(tmp_path):
     tokenizer = task.build_task_tokenizer()
     prompt = tokenizer.encode(qwen3_templates.format_prompt("Add 1, 2, 3, 4 and 5."), add_special_tokens=False)
     config = RolloutConfig(engine="vllm", dtype="float32", enforce_eager=True, max_model_len=512,
-                           show_progress=False, sampling=SamplingSettings(max_tokens=64))
+                           show_progress=False, sampling=SamplingConfig(max_tokens=64))
     engine = create_rollout_engine(config, path)
     try:
-        batch = engine.generate([prompt], SamplingSettings(n=2, max_tokens=12, seed=0))
+        batch = engine.generate([prompt], SamplingConfig(n=2, max_tokens=12, seed=0))
     finally:
         engine.close()
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

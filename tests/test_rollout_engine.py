@@ -16,7 +16,7 @@ from megatron_eopd.rollout import (
     ParityProbeConfig,
     RolloutConfig,
     RolloutEngineUnavailableError,
-    SamplingSettings,
+    SamplingConfig,
     create_rollout_engine,
 )
 from megatron_eopd.rollout.engine import vllm_importable
@@ -69,7 +69,7 @@ def test_config_rejects_bad_values_with_the_key_in_the_message(kwargs, match):
 )
 def test_sampling_settings_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        SamplingSettings(**kwargs)
+        SamplingConfig(**kwargs)
 
 
 def test_parity_config_validation():
@@ -127,7 +127,7 @@ def engine(request, tiny_dir):
         enforce_eager=True,
         max_model_len=256,
         show_progress=False,
-        sampling=SamplingSettings(max_tokens=64),
+        sampling=SamplingConfig(max_tokens=64),
     )
     eng = create_rollout_engine(config, tiny_dir)
     yield eng
@@ -144,7 +144,7 @@ def _recomputed_logprobs(hf_model, prompt, response):
 
 
 def test_shapes_and_n_samples(engine):
-    batch = engine.generate(PROMPTS, SamplingSettings(n=3, max_tokens=6, seed=1))
+    batch = engine.generate(PROMPTS, SamplingConfig(n=3, max_tokens=6, seed=1))
     assert batch.num_prompts == 3 and batch.num_samples == 9
     for prompt, result in zip(PROMPTS, batch.results):
         assert result.prompt_token_ids == prompt
@@ -160,7 +160,7 @@ def test_shapes_and_n_samples(engine):
 
 
 def test_max_tokens_ends_with_length(engine, eos_id):
-    batch = engine.generate(PROMPTS[:2], SamplingSettings(n=4, max_tokens=3, seed=2))
+    batch = engine.generate(PROMPTS[:2], SamplingConfig(n=4, max_tokens=3, seed=2))
     for _, sample in batch.flat():
         if sample.finish_reason == "length":
             assert len(sample.token_ids) == 3
@@ -172,7 +172,7 @@ def test_stop_tokens_end_the_response_and_are_kept(engine, eos_id):
     stop = [
         t for t in range(0, eos_id, 2)
     ]  # half the vocabulary: almost every sample stops within a few tokens
-    batch = engine.generate(PROMPTS, SamplingSettings(n=4, max_tokens=40, stop_token_ids=stop, seed=3))
+    batch = engine.generate(PROMPTS, SamplingConfig(n=4, max_tokens=40, stop_token_ids=stop, seed=3))
     stopped = 0
     for _, sample in batch.flat():
         assert all(t not in stop for t in sample.token_ids[:-1]), "a stop token inside the response"
@@ -183,30 +183,30 @@ def test_stop_tokens_end_the_response_and_are_kept(engine, eos_id):
 
 
 def test_seed_reproducibility(engine):
-    settings = SamplingSettings(n=2, max_tokens=8, seed=11)
+    settings = SamplingConfig(n=2, max_tokens=8, seed=11)
     first = engine.generate(PROMPTS, settings)
     again = engine.generate(PROMPTS, settings)
-    other = engine.generate(PROMPTS, SamplingSettings(n=2, max_tokens=8, seed=12))
+    other = engine.generate(PROMPTS, SamplingConfig(n=2, max_tokens=8, seed=12))
     tokens = lambda b: [s.token_ids for _, s in b.flat()]  # noqa: E731
     assert tokens(first) == tokens(again)
     assert tokens(first) != tokens(other)
     # The n samples of a prompt are different draws.
     assert first.results[2].samples[0].token_ids != first.results[2].samples[1].token_ids
     # Per-prompt seeds: a prompt's samples do not depend on the rest of the batch.
-    alone = engine.generate([PROMPTS[2]], SamplingSettings(n=2, max_tokens=8, seed=11 + 2 * 2))
+    alone = engine.generate([PROMPTS[2]], SamplingConfig(n=2, max_tokens=8, seed=11 + 2 * 2))
     assert tokens(alone) == [s.token_ids for s in first.results[2].samples]
 
 
 def test_logprobs_are_the_raw_model_logprobs_of_the_sampled_tokens(engine, hf_model):
     # Sampling at temperature 0.7 / top-p 0.9, the returned log-probs are still the model's at T=1.
-    batch = engine.generate(PROMPTS, SamplingSettings(n=2, max_tokens=10, temperature=0.7, top_p=0.9, seed=4))
+    batch = engine.generate(PROMPTS, SamplingConfig(n=2, max_tokens=10, temperature=0.7, top_p=0.9, seed=4))
     for i, sample in batch.flat():
         expected = _recomputed_logprobs(hf_model, PROMPTS[i], sample.token_ids)
         torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=LOGPROB_ATOL, rtol=0)
 
 
 def test_greedy_follows_the_argmax(engine, hf_model):
-    batch = engine.generate([PROMPTS[0]], SamplingSettings(n=1, max_tokens=6, temperature=0.0))
+    batch = engine.generate([PROMPTS[0]], SamplingConfig(n=1, max_tokens=6, temperature=0.0))
     response = batch.results[0].samples[0].token_ids
     ids = list(PROMPTS[0])
     for tok in response:
@@ -227,7 +227,7 @@ def test_hf_fallback_processed_logprobs_follow_the_sampler(tiny_dir, hf_model):
     config = RolloutConfig(engine="hf", dtype="float32", logprobs_mode="processed", show_progress=False)
     eng = create_rollout_engine(config, tiny_dir)
     sample = (
-        eng.generate([PROMPTS[0]], SamplingSettings(n=1, max_tokens=4, temperature=0.5, seed=9))
+        eng.generate([PROMPTS[0]], SamplingConfig(n=1, max_tokens=4, temperature=0.5, seed=9))
         .results[0]
         .samples[0]
     )
@@ -250,7 +250,7 @@ def test_vllm_cpu_engine_processes_yield_to_training(engine):
 
     if engine.name != "vllm" or not _vllm_on_cpu():
         pytest.skip("only vLLM on CPU shares its cores with training")
-    engine.generate(PROMPTS[:1], SamplingSettings(max_tokens=4, seed=1))  # threads the first call starts too
+    engine.generate(PROMPTS[:1], SamplingConfig(max_tokens=4, seed=1))  # threads the first call starts too
     processes = [psutil.Process(pid) for pid in engine.engine_pids]
     assert any(p.name().startswith("VLLM::Worker") for p in processes), [p.name() for p in processes]
     for process in processes:

@@ -288,11 +288,11 @@ def test_shard_bounds_cover_every_prompt_once():
 
 
 def _fleet_config(engines_per_node):
-    from megatron_eopd.rollout import RolloutConfig, SamplingSettings
+    from megatron_eopd.rollout import RolloutConfig, SamplingConfig
 
     return RolloutConfig(engine="hf", dtype="float32", show_progress=False, max_model_len=256,
                          engines_per_node=engines_per_node,
-                         sampling=SamplingSettings(n=2, temperature=1.0, max_tokens=10, seed=FLEET_SEED))
+                         sampling=SamplingConfig(n=2, temperature=1.0, max_tokens=10, seed=FLEET_SEED))
 
 
 def _fleet_prompts(model_dir, count):

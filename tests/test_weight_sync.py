@@ -27,7 +27,7 @@ ARTIFACTS = "weight_sync_tp2pp2"
 
 
 def _rollout_config(sync_dir: Path):
-    from megatron_eopd.rollout import ParityProbeConfig, RolloutConfig, SamplingSettings
+    from megatron_eopd.rollout import ParityProbeConfig, RolloutConfig, SamplingConfig
 
     return RolloutConfig(
         engine="vllm",
@@ -35,7 +35,7 @@ def _rollout_config(sync_dir: Path):
         enforce_eager=True,
         max_model_len=256,
         show_progress=False,
-        sampling=SamplingSettings(max_tokens=16),
+        sampling=SamplingConfig(max_tokens=16),
         sync_dir=str(sync_dir),
         sync_bucket_mb=0.25,  # several RPC buckets even for the ~1 MB tiny model
         parity=ParityProbeConfig(num_sequences=3, sequence_length=40, seed=SEED, **TIGHT),
@@ -146,9 +146,9 @@ def _perturb(model, scale: float = 0.02, seed: int = SEED) -> None:
 
 
 def _assert_sampled_logprobs_match_megatron(engine, student, prompts):
-    from megatron_eopd.rollout import SamplingSettings
+    from megatron_eopd.rollout import SamplingConfig
 
-    batch = engine.generate(prompts, SamplingSettings(n=2, max_tokens=12, seed=SEED))
+    batch = engine.generate(prompts, SamplingConfig(n=2, max_tokens=12, seed=SEED))
     flat = batch.flat()
     sequences = [prompts[i] + s.token_ids for i, s in flat]
     megatron = _megatron_logprobs(student, sequences)
@@ -290,8 +290,8 @@ def broken_exporter(engine, student, syncer):
     real = syncer.exporter
 
     def install(kind: str):
-        def faulty(model_chunks, hf_config=None, **kwargs):
-            return BROKEN[kind](real(model_chunks, hf_config, **kwargs), student.eopd_arch)
+        def faulty(model_chunks, architecture=None, **kwargs):
+            return BROKEN[kind](real(model_chunks, architecture, **kwargs), student.eopd_arch)
 
         syncer.exporter = faulty
 

@@ -59,7 +59,7 @@ def _bench_size(name: str, args, workdir: Path) -> list[dict]:
     from megatron_eopd.rollout import (
         ParityProbeConfig,
         RolloutConfig,
-        SamplingSettings,
+        SamplingConfig,
         WeightSyncer,
         create_rollout_engine,
     )
@@ -86,7 +86,7 @@ def _bench_size(name: str, args, workdir: Path) -> list[dict]:
         enforce_eager=True,
         max_model_len=256,
         show_progress=False,
-        sampling=SamplingSettings(max_tokens=16),
+        sampling=SamplingConfig(max_tokens=16),
         sync_dir=str(workdir / f"{name}-sync"),
         sync_bucket_mb=args.bucket_mb,
         parity=ParityProbeConfig(

@@ -294,9 +294,9 @@ def eval_stop_token_ids(tokenizer) -> List[int]:
 
 def eval_sampling(*, n: int, temperature: float, top_p: float, max_tokens: int, seed: Optional[int],
                   stop_token_ids: Sequence[int] = ()):
-    from megatron_eopd.rollout import SamplingSettings
+    from megatron_eopd.rollout import SamplingConfig
 
-    return SamplingSettings(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+    return SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                             stop_token_ids=list(stop_token_ids), seed=seed)
 
 

@@ -11,7 +11,7 @@ from megatron_eopd.rollout.engine import (
     RolloutEngineUnavailableError,
     RolloutResult,
     RolloutSample,
-    SamplingSettings,
+    SamplingConfig,
     create_rollout_engine,
 )
 from megatron_eopd.rollout.parity import ParityProbeError, ParityReport
@@ -29,7 +29,7 @@ __all__ = [
     "RolloutEngineUnavailableError",
     "RolloutResult",
     "RolloutSample",
-    "SamplingSettings",
+    "SamplingConfig",
     "SyncReport",
     "WeightSyncError",
     "WeightSyncer",

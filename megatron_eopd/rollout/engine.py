@@ -39,7 +39,7 @@ class RolloutEngineUnavailableError(EOPDError, RuntimeError):
 
 
 @dataclass
-class SamplingSettings:
+class SamplingConfig:
     """How to sample responses.  ``temperature=0`` is greedy decoding.
 
     ``stop_token_ids`` end a response in addition to the model's end-of-sequence token(s) (from its
@@ -199,7 +199,7 @@ class RolloutConfig:
     """
 
     engine: EngineName = "vllm"
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     logprobs_mode: LogprobsMode = "raw"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     gpu_memory_utilization: Optional[float] = None
@@ -219,7 +219,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
-            self.sampling = SamplingSettings(**self.sampling)
+            self.sampling = SamplingConfig(**self.sampling)
         if isinstance(self.parity, dict):
             self.parity = ParityProbeConfig(**self.parity)
         if self.engine not in ("vllm", "hf"):
@@ -278,7 +278,7 @@ class RolloutEngine(abc.ABC):
     def generate(
         self,
         prompts: Prompts,
-        sampling: Optional[SamplingSettings] = None,
+        sampling: Optional[SamplingConfig] = None,
         *,
         show_progress: Optional[bool] = None,
     ) -> RolloutBatch:
@@ -319,7 +319,7 @@ class RolloutEngine(abc.ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _sampling(self, sampling: Optional[SamplingSettings]) -> SamplingSettings:
+    def _sampling(self, sampling: Optional[SamplingConfig]) -> SamplingConfig:
         return self.config.sampling if sampling is None else sampling
 
     def _show_progress(self, show_progress: Optional[bool]) -> bool:

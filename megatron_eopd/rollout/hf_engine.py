@@ -21,7 +21,7 @@ from megatron_eopd.rollout.engine import (
     RolloutEngine,
     RolloutResult,
     RolloutSample,
-    SamplingSettings,
+    SamplingConfig,
     WeightLoadReport,
 )
 
@@ -72,7 +72,7 @@ class HFRolloutEngine(RolloutEngine):
 
     @torch.no_grad()
     def _sample_prompt(
-        self, prompt: list[int], sampling: SamplingSettings, seed: Optional[int]
+        self, prompt: list[int], sampling: SamplingConfig, seed: Optional[int]
     ) -> list[RolloutSample]:
         n = sampling.n
         generator = torch.Generator(device=self.device)
@@ -116,7 +116,7 @@ class HFRolloutEngine(RolloutEngine):
     def generate(
         self,
         prompts: Prompts,
-        sampling: Optional[SamplingSettings] = None,
+        sampling: Optional[SamplingConfig] = None,
         *,
         show_progress: Optional[bool] = None,
     ) -> RolloutBatch:

@@ -28,7 +28,7 @@ from megatron_eopd.rollout.engine import (
     RolloutEngine,
     RolloutResult,
     RolloutSample,
-    SamplingSettings,
+    SamplingConfig,
     WeightLoadReport,
     require_vllm,
 )
@@ -141,7 +141,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ sampling
 
-    def _sampling_params(self, sampling: SamplingSettings, prompt_index: int):
+    def _sampling_params(self, sampling: SamplingConfig, prompt_index: int):
         return self._vllm.SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -155,7 +155,7 @@ class VLLMRolloutEngine(RolloutEngine):
     def generate(
         self,
         prompts: Prompts,
-        sampling: Optional[SamplingSettings] = None,
+        sampling: Optional[SamplingConfig] = None,
         *,
         show_progress: Optional[bool] = None,
     ) -> RolloutBatch:

@@ -36,7 +36,7 @@ from megatron_eopd.errors import EOPDError
 from megatron_eopd.models.chunks import as_chunk_list, unwrap_model
 from megatron_eopd.models.qwen3 import Qwen3Arch, as_arch, expected_hf_shapes, iter_hf_weights
 from megatron_eopd.models.qwen3.architecture import load_hf_config
-from megatron_eopd.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings, WeightLoadReport
+from megatron_eopd.rollout.engine import RolloutConfig, RolloutEngine, SamplingConfig, WeightLoadReport
 from megatron_eopd.rollout.parity import (
     ParityProbeError,
     ParityReport,
@@ -108,8 +108,8 @@ class WeightSyncer:
     """Syncs a Megatron Qwen3 student into rollout engines and runs the parity probe after each sync.
 
     ``engine``: the engine this rank hosts, or ``None``.  ``exporter``: streams HF-named tensors
-    (default: the Qwen3 mapping's ``iter_hf_weights``).  ``hf_config``: the student's architecture
-    (default: read from the model built by ``build_qwen3_gpt``).  ``strict``: a sync that leaves
+    (default: the Qwen3 mapping's ``iter_hf_weights``).  ``architecture``: the student's
+    :class:`Qwen3Arch` or HF config (default: read from the model built by ``build_qwen3_gpt``).  ``strict``: a sync that leaves
     any engine parameter unwritten raises :class:`WeightSyncError` before the probe runs.
     """
 
@@ -119,14 +119,14 @@ class WeightSyncer:
         config: RolloutConfig,
         *,
         exporter: Exporter = iter_hf_weights,
-        hf_config: Any = None,
+        architecture: Any = None,
         vocab_size: Optional[int] = None,
         strict: bool = True,
     ):
         self.engine = engine
         self.config = config
         self.exporter = exporter
-        self.hf_config = hf_config
+        self.architecture = architecture
         self.vocab_size = vocab_size
         self.strict = strict
         self.step = 0
@@ -134,11 +134,11 @@ class WeightSyncer:
         self._last_dir: Optional[Path] = None
 
     def _arch(self, model_chunks: Any) -> Qwen3Arch:
-        if self.hf_config is not None:
-            return as_arch(self.hf_config)
+        if self.architecture is not None:
+            return as_arch(self.architecture)
         arch = getattr(unwrap_model(as_chunk_list(model_chunks)[0]), "eopd_arch", None)
         if arch is None:
-            raise ValueError("pass hf_config to WeightSyncer: the model was not built by build_qwen3_gpt")
+            raise ValueError("pass architecture to WeightSyncer: the model was not built by build_qwen3_gpt")
         return arch
 
     def _sync_dtype(self, model_chunks: Any) -> torch.dtype:
@@ -187,7 +187,7 @@ class WeightSyncer:
         lead = None
         if self.engine is not None and _global_rank() == route.lead_host:
             sequences, parity = self._probe_sequences(vocab)
-            greedy = SamplingSettings(n=1, temperature=0.0, max_tokens=1)
+            greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=1)
             out = self.engine.generate(sequences, greedy, show_progress=False)
             extended = [list(seq) + r.samples[0].token_ids[:1] for seq, r in zip(sequences, out.results)]
             lead = (extended, [r.samples[0].logprobs[0] for r in out.results], parity)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch.distributed as dist
 
 from megatron_eopd.platform import launch_ranks_per_node
-from megatron_eopd.rollout import RolloutConfig, RolloutEngine, RolloutResult, SamplingSettings, WeightSyncer
+from megatron_eopd.rollout import RolloutConfig, RolloutEngine, RolloutResult, SamplingConfig, WeightSyncer
 from megatron_eopd.rollout import SyncReport, create_rollout_engine
 
 
@@ -63,7 +63,7 @@ class RolloutFleet:
         )
         self.syncer = WeightSyncer(self.engine, config)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[RolloutResult]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[RolloutResult]:
         """Results for every prompt, in prompt order, on every rank."""
         bounds = shard_bounds(len(prompts), len(self.hosts))
         mine: list[RolloutResult] = []

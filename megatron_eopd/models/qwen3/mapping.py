@@ -261,7 +261,7 @@ def _entries_for_stage(arch: Qwen3Arch, pre_process: bool, post_process: bool, w
 
 def hf_to_megatron_shard(
     hf_weights: Mapping[str, torch.Tensor],
-    hf_config: Any,
+    architecture: Any,
     *,
     tp_rank: int,
     tp_size: int,
@@ -274,9 +274,10 @@ def hf_to_megatron_shard(
 
     ``hf_weights`` maps HF names to full tensors; it may be lazy (e.g.
     :class:`megatron_eopd.checkpoint.HFSafetensors`) since only this stage's tensors are read.
+    ``architecture``: a :class:`Qwen3Arch` or a HF config (anything :func:`as_arch` takes).
     Layers are split evenly across stages, as Megatron does by default.
     """
-    arch = as_arch(hf_config)
+    arch = as_arch(architecture)
     if arch.num_layers % pp_size:
         raise ValueError(f"PP={pp_size} does not divide num_hidden_layers={arch.num_layers}")
     per_stage = arch.num_layers // pp_size

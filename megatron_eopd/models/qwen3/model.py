@@ -164,7 +164,7 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> int:
 
 
 def build_qwen3_gpt(
-    hf_config: Any,
+    architecture: Any,
     *,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
@@ -178,7 +178,7 @@ def build_qwen3_gpt(
 ):
     """Build this rank's ``GPTModel`` chunk of a Qwen3 model under Megatron's current parallel state.
 
-    ``hf_config``: a HF config (dict, directory, path, ``PretrainedConfig``) or a :class:`Qwen3Arch`.
+    ``architecture``: a :class:`Qwen3Arch`, or a HF config (dict, directory, path, ``PretrainedConfig``).
     ``pre_process``/``post_process`` default to "this rank is the first/last pipeline stage".
     ``layer_spec``: ``"te"`` or ``"local"``; default TE when importable.  ``attention_backend``
     (local spec only): ``"sdpa"`` (default) or ``"megatron"``, see :func:`local_layer_spec`; the TE
@@ -195,7 +195,7 @@ def build_qwen3_gpt(
 
     from megatron_eopd.platform import distributed as platform_dist
 
-    arch = as_arch(hf_config)
+    arch = as_arch(architecture)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     padded = padded_vocab_size(arch.vocab_size, tp, vocab_divisor)

@@ -43,12 +43,13 @@ def _chunk_layer_spec(model: Any) -> str:
     return "te" if any(n.endswith("linear_qkv.layer_norm_weight") for n in names) else "local"
 
 
-def _chunk_arch(model: Any, hf_config: Any) -> Qwen3Arch:
-    if hf_config is not None:
-        return as_arch(hf_config)
+def _chunk_arch(model: Any, architecture: Any) -> Qwen3Arch:
+    """``architecture`` (a :class:`Qwen3Arch` or a HF config) when given, else the one the builder recorded."""
+    if architecture is not None:
+        return as_arch(architecture)
     arch = getattr(model, "eopd_arch", None)
     if arch is None:
-        raise ValueError("pass hf_config: this model was not built by build_qwen3_gpt")
+        raise ValueError("pass architecture: this model was not built by build_qwen3_gpt")
     return arch
 
 
@@ -72,7 +73,7 @@ def _named_entries(model: Any, arch: Qwen3Arch) -> Iterator[tuple[WeightMapping,
 def load_hf_weights(
     model_chunks: Any,
     hf_weights: Mapping[str, torch.Tensor],
-    hf_config: Any = None,
+    architecture: Any = None,
     *,
     progress: Optional[Callable[[str], None]] = None,
 ) -> None:
@@ -89,7 +90,7 @@ def load_hf_weights(
     chunks = as_chunk_list(model_chunks)
     for chunk in chunks:
         model = unwrap_model(chunk)
-        arch = _chunk_arch(model, hf_config)
+        arch = _chunk_arch(model, architecture)
         padded = model.vocab_size
         for entry, layer, name, param in _named_entries(model, arch):
             hf_names = entry.hf_names(layer)
@@ -118,7 +119,7 @@ def _order_key(entry: WeightMapping, layer: Optional[int]) -> tuple[int, int, in
 
 def iter_hf_weights(
     model_chunks: Any,
-    hf_config: Any = None,
+    architecture: Any = None,
     *,
     to_rank: Optional[int] = 0,
     dtype: Optional[torch.dtype] = None,
@@ -143,7 +144,7 @@ def iter_hf_weights(
 
     chunks = as_chunk_list(model_chunks)
     models = [unwrap_model(c) for c in chunks]
-    arch = _chunk_arch(models[0], hf_config)
+    arch = _chunk_arch(models[0], architecture)
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
