@@ -28,7 +28,7 @@ run: $(STAMP)
 	$(PY) tools/run_tiny.py
 
 # The replication study: OPD, EOPD and FKL-only students of one tiny teacher, 5 seeds x 100 iterations each,
-# held-out Pass@k; writes runs/replication/report.md (under an hour on 2 idle cores; rerunning continues).
+# held-out Pass@k; writes runs/replication/report.md (about 30 minutes on 2 cores; rerunning continues).
 replicate: $(STAMP)
 	$(PY) tools/replicate.py $(REPLICATE_ARGS)
 
