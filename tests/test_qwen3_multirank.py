@@ -253,3 +253,33 @@ def test_fused_output_layer_matches_logits(ctx):
 
     head = getattr(model, "output_layer", None)
     assert head is None or "forward" not in vars(head) and isinstance(head, ColumnParallelLinear)
+
+
+@multirank_check(tp=[1, 2], pp=[1, 2])
+def test_micro_batches_of_their_own_lengths(ctx):
+    """Without PP each micro-batch may have its own length: the logits of a short micro-batch equal those
+    of the same rows padded to the longest; under PP the schedule needs one shape, and says so."""
+    import pytest
+
+    from megatron_eopd.checkpoint import HFSafetensors
+    from megatron_eopd.models.forward import MicroBatch, run_micro_batches
+    from megatron_eopd.models.qwen3 import load_hf_weights
+
+    hf_dir = _tiny_hf(ctx, False)
+    model = _build(hf_dir)
+    load_hf_weights(model, HFSafetensors(hf_dir))
+    long_tokens, short_tokens = _tokens(seed=5), _tokens(seed=6)[:, : SEQ // 2]
+    padded_short = torch.cat([short_tokens, torch.zeros_like(short_tokens)], dim=1)  # right padding
+    mixed = [MicroBatch.from_tokens(long_tokens), MicroBatch.from_tokens(short_tokens)]
+    if ctx.pp > 1:
+        with pytest.raises(ValueError, match="under pipeline parallelism every micro-batch of a call needs the same"):
+            run_micro_batches([model], mixed, lambda out, mb: out, forward_only=True)
+        return
+    with torch.no_grad():
+        got = run_micro_batches([model], mixed, lambda out, mb: out.detach().clone(), forward_only=True)
+        want = run_micro_batches([model], [MicroBatch.from_tokens(long_tokens), MicroBatch.from_tokens(padded_short)],
+                                 lambda out, mb: out.detach().clone(), forward_only=True)
+    assert got[0].shape[1] == SEQ and got[1].shape[1] == SEQ // 2
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1][:, : SEQ // 2], rtol=1e-6, atol=1e-5)
+    assert float(got[1].std()) > 0.1

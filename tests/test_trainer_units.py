@@ -148,25 +148,41 @@ def _samples(n, seed=1):
     return out
 
 
-@pytest.mark.parametrize("mini,micro,dp", [(6, 1, 3), (6, 2, 3), (4, 2, 1), (6, 2, 2)])
-def test_step_batches_split_per_dp_rank(mini, micro, dp):
+@pytest.mark.parametrize("uniform_length", [False, True])
+@pytest.mark.parametrize("mini,micro,dp", [(6, 1, 3), (6, 2, 3), (4, 2, 1), (6, 2, 2), (12, 3, 1)])
+def test_step_batches_split_per_dp_rank(mini, micro, dp, uniform_length):
     samples = _samples(12)
     per_rank = mini // dp
     by_rank = [step_batches(samples, mini_batch_size=mini, micro_batch_size=micro, dp_rank=r, dp_size=dp,
-                            pad_id=PAD, device="cpu") for r in range(dp)]
+                            pad_id=PAD, device="cpu", uniform_length=uniform_length) for r in range(dp)]
     assert all(len(steps) == 12 // mini for steps in by_rank)
+    assert len({len(s.prompt_ids) + len(s.response_ids) for s in samples}) > 3  # lengths differ: sorting matters
+
+    def seq_len(s, teacher=False):
+        return (len(s.teacher_prompt_ids) + len(s.teacher_response_ids) if teacher
+                else len(s.prompt_ids) + len(s.response_ids)) - 1
+
     for m in range(12 // mini):
         mini_batch = samples[m * mini:(m + 1) * mini]
-        union = [s for r in range(dp) for s in by_rank[r][m].samples]
-        assert [s.prompt_index for s in union] == [s.prompt_index for s in mini_batch]  # in order, no overlap
         assert sum(by_rank[r][m].num_response_tokens for r in range(dp)) == sum(len(s.response_ids) for s in mini_batch)
         for r in range(dp):
             step = by_rank[r][m]
+            # Rank r's contiguous slice of the mini-batch, longest sequence first, equal lengths in order.
+            mine = mini_batch[r * per_rank:(r + 1) * per_rank]
+            expected = sorted(mine, key=lambda s: -seq_len(s))
+            assert [s.prompt_index for s in step.samples] == [s.prompt_index for s in expected]
             assert len(step.samples) == per_rank
             assert len(step.student) == len(step.teacher) == -(-per_rank // micro)
+            used, computed = step.student_positions
+            assert used == sum(seq_len(s) for s in mine)
+            assert computed == sum(mb.tokens.numel() for mb in step.student) >= used
             for view, teacher in ((step.student, False), (step.teacher, True)):
-                shapes = {tuple(mb.tokens.shape) for mb in view}
-                assert len(shapes) == 1 and next(iter(shapes))[0] == micro  # one shape per step and view
+                assert {mb.tokens.shape[0] for mb in view} == {micro}
+                for k, mb in enumerate(view):
+                    rows = step.samples[k * micro:(k + 1) * micro]
+                    own = max(seq_len(s, teacher) for s in rows)
+                    longest = max(seq_len(s, teacher) for s in mine)
+                    assert mb.tokens.shape[1] == (longest if uniform_length else own), (k, teacher)
                 # Token counts: the masks hold exactly this rank's response tokens.
                 assert sum(int(mb.extras["mask"].sum()) for mb in view) == step.num_response_tokens
                 for k, mb in enumerate(view):
@@ -184,6 +200,21 @@ def test_step_batches_split_per_dp_rank(mini, micro, dp):
                         assert mb.extras["mask"][row].tolist() == ref_mask[0]
                     for row in range(len(rows), micro):  # filler rows of a short last micro-batch
                         assert not mb.extras["mask"][row].any()
+
+
+def test_length_grouped_micro_batches_compute_less_padding():
+    """Sorted and padded per micro-batch, a step computes fewer positions than padded to its longest;
+    the same samples, tokens and response positions either way."""
+    samples = _samples(12, seed=3)
+    kwargs = dict(mini_batch_size=12, micro_batch_size=3, dp_rank=0, dp_size=1, pad_id=PAD, device="cpu")
+    (own,), (uniform,) = (step_batches(samples, **kwargs, uniform_length=u) for u in (False, True))
+    (used, computed_own), (_, computed_uniform) = own.student_positions, uniform.student_positions
+    assert used < computed_own < computed_uniform, (used, computed_own, computed_uniform)
+    assert [s.prompt_index for s in own.samples] == [s.prompt_index for s in uniform.samples]
+    for a, b in zip(own.student, uniform.student):
+        width = a.tokens.shape[1]
+        assert torch.equal(a.tokens, b.tokens[:, :width]) and not b.extras["mask"][:, width:].any()
+        assert torch.equal(a.extras["mask"], b.extras["mask"][:, :width])
 
 
 # --------------------------------------------------------------------------- the teacher-statistics guard

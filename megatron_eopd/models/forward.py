@@ -4,8 +4,10 @@ Every pass over a model goes through here: the parity probe, teacher scoring, th
 log-probs (forward only) and the student's update (forward and backward).  Megatron's schedule
 owns pipeline parallelism; this module owns the contract around it:
 
-- every micro-batch of one call has the same ``[micro_batch_size, seq_length]`` token shape (the
-  pipeline's point-to-point buffers are sized once per call);
+- under pipeline parallelism every micro-batch of one call has the same ``[micro_batch_size,
+  seq_length]`` token shape (the point-to-point buffers are sized once per call); without it each
+  micro-batch may have its own (Megatron's non-pipelined schedule reads no shape), so a batcher can
+  pad every micro-batch only to its own longest sequence;
 - ``on_logits(logits, micro_batch)`` runs on the last pipeline stage with this rank's vocab shard
   of the logits ``[b, s, V/TP]``; what it returns is collected in micro-batch order (forward
   only), or it returns ``(loss_sum, num_tokens, metrics)`` for training, where the gradient is
@@ -58,12 +60,20 @@ def run_micro_batches(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron.core import parallel_state
+
     if not micro_batches:
         return []
     shape = tuple(micro_batches[0].tokens.shape)
-    for i, mb in enumerate(micro_batches):
-        if tuple(mb.tokens.shape) != shape:
-            raise ValueError(f"micro-batch {i} has token shape {tuple(mb.tokens.shape)}, the first {shape}")
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        for i, mb in enumerate(micro_batches):
+            if tuple(mb.tokens.shape) != shape:
+                raise ValueError(f"micro-batch {i} has token shape {tuple(mb.tokens.shape)}, the first {shape}: "
+                                 "under pipeline parallelism every micro-batch of a call needs the same shape")
+        seq_length, micro_batch_size = shape[1], shape[0]
+    else:  # unused by the non-pipelined schedule; the largest, for the record
+        seq_length = max(mb.tokens.shape[1] for mb in micro_batches)
+        micro_batch_size = max(mb.tokens.shape[0] for mb in micro_batches)
     chunks = as_chunk_list(model_chunks)
     collected: list = []
 
@@ -89,8 +99,8 @@ def run_micro_batches(
         data_iterator=iter(micro_batches),
         model=chunks,
         num_microbatches=len(micro_batches),
-        seq_length=shape[1],
-        micro_batch_size=shape[0],
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
     return collected if forward_only else list(outputs)

@@ -9,9 +9,14 @@ carry Qwen3's empty think block) and the teacher sees its end-of-turn token wher
 ``<|endoftext|>``.  Both views have the same response tokens in the same order, so a per-response-
 token quantity moves between them as the masked entries in row-major order (:func:`move_response_values`).
 
-Sequences are packed into micro-batches of ``micro_batch_size`` rows padded to one length per
-optimizer step (the pipeline schedule sizes its buffers once per call); rows added to fill the last
-micro-batch and padding positions carry a zero mask.
+Each data-parallel rank's share of a mini-batch is ordered by sequence length, longest first, and
+cut into micro-batches of ``micro_batch_size`` rows, so sequences of similar length share a
+micro-batch (and the first micro-batch shows the step's peak memory).  Without pipeline parallelism
+every micro-batch is padded only to its own longest sequence; with it, to one length per optimizer
+step (the pipeline's buffers are sized once per call).  Rows added to fill the last micro-batch and
+padding positions carry a zero mask.  Neither the order nor the padding changes the loss: it is
+normalised over the mini-batch's response tokens, and causal attention never lets a position see
+the padding behind it.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ def move_response_values(values: torch.Tensor, source_mask: torch.Tensor, target
 
 @dataclass
 class StepBatch:
-    """The micro-batches of one optimizer step, in both views, padded to one shape per view."""
+    """The micro-batches of one optimizer step in both views; ``samples`` in micro-batch row order."""
 
     student: list[MicroBatch]
     teacher: list[MicroBatch]
@@ -101,14 +106,27 @@ class StepBatch:
     def num_response_tokens(self) -> int:
         return sum(s.num_response_tokens for s in self.samples)
 
+    @property
+    def student_positions(self) -> tuple[int, int]:
+        """(positions holding a sample's tokens, positions the student computes) over its micro-batches."""
+        used = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in self.samples)
+        return used, sum(mb.tokens.numel() for mb in self.student)
 
-def _views(samples: Sequence[Sample], micro_batch_size: int, pad_id: int, device, *, teacher: bool) -> list[MicroBatch]:
+
+def _sequence_length(sample: Sample) -> int:
+    return len(sample.prompt_ids) + len(sample.response_ids)
+
+
+def _views(samples: Sequence[Sample], micro_batch_size: int, pad_id: int, device, *, teacher: bool,
+           uniform_length: bool) -> list[MicroBatch]:
     prompts = [s.teacher_prompt_ids if teacher else s.prompt_ids for s in samples]
     responses = [s.teacher_response_ids if teacher else s.response_ids for s in samples]
-    length = max(len(p) + len(r) - 1 for p, r in zip(prompts, responses))
+    lengths = [len(p) + len(r) - 1 for p, r in zip(prompts, responses)]
     out = []
     for start in range(0, len(samples), micro_batch_size):
-        view = pack(prompts[start : start + micro_batch_size], responses[start : start + micro_batch_size],
+        stop = start + micro_batch_size
+        length = max(lengths) if uniform_length else max(lengths[start:stop])
+        view = pack(prompts[start:stop], responses[start:stop],
                     pad_id=pad_id, length=length, rows=micro_batch_size, device=device)
         out.append(MicroBatch.from_tokens(view.tokens, labels=view.labels, mask=view.mask,
                                           samples=list(range(start, min(start + micro_batch_size, len(samples))))))
@@ -116,19 +134,23 @@ def _views(samples: Sequence[Sample], micro_batch_size: int, pad_id: int, device
 
 
 def step_batches(samples: Sequence[Sample], *, mini_batch_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, pad_id: int, device) -> list[StepBatch]:
+                 dp_size: int, pad_id: int, device, uniform_length: bool = False) -> list[StepBatch]:
     """This data-parallel rank's share of every mini-batch, as micro-batches in both views.
 
     Mini-batch ``m`` is ``samples[m*mini : (m+1)*mini]``; rank ``r`` of ``dp_size`` takes the
-    contiguous slice ``r`` of it, so the union over ranks is the whole mini-batch.
+    contiguous slice ``r`` of it, so the union over ranks is the whole mini-batch.  The slice is
+    ordered longest sequence first (ties keep their order); ``uniform_length`` pads every
+    micro-batch of a step and view to the step's longest sequence (needed under pipeline
+    parallelism), otherwise each micro-batch to its own.
     """
     per_rank = mini_batch_size // dp_size
     steps = []
     for start in range(0, len(samples), mini_batch_size):
-        mine = list(samples[start + dp_rank * per_rank : start + (dp_rank + 1) * per_rank])
+        mine = sorted(samples[start + dp_rank * per_rank : start + (dp_rank + 1) * per_rank],
+                      key=_sequence_length, reverse=True)
         steps.append(StepBatch(
-            student=_views(mine, micro_batch_size, pad_id, device, teacher=False),
-            teacher=_views(mine, micro_batch_size, pad_id, device, teacher=True),
+            student=_views(mine, micro_batch_size, pad_id, device, teacher=False, uniform_length=uniform_length),
+            teacher=_views(mine, micro_batch_size, pad_id, device, teacher=True, uniform_length=uniform_length),
             samples=mine,
         ))
     return steps

@@ -47,6 +47,7 @@ def train(config: EOPDTrainConfig, *, resume: bool = False) -> list[dict]:
                       "rollout_accuracy": accuracy,
                       "response_length": sum(s.num_response_tokens for s in samples) / max(len(samples), 1),
                       "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / max(len(samples), 1),
+                      "padding_fraction": phases.padding_fraction(steps),
                       "grad_norm": per_micro_batch[0].get("grad_norm") if per_micro_batch else None,
                       "lr": session.student.optimizer.param_groups[0]["lr"],
                       "prompts_skipped_too_long": session.stream.num_skipped_too_long,

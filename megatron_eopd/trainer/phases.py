@@ -99,7 +99,15 @@ def make_steps(session: Session, samples: list[Sample]) -> list[StepBatch]:
     return step_batches(samples, mini_batch_size=train.mini_batch_size, micro_batch_size=train.micro_batch_size,
                         dp_rank=parallel_state.get_data_parallel_rank(),
                         dp_size=parallel_state.get_data_parallel_world_size(),
-                        pad_id=session.tokenizer.pad_token_id, device=session.platform.device)
+                        pad_id=session.tokenizer.pad_token_id, device=session.platform.device,
+                        uniform_length=parallel_state.get_pipeline_model_parallel_world_size() > 1)
+
+
+def padding_fraction(steps: list[StepBatch]) -> float:
+    """Share of the positions the student computes this iteration that are padding (all DP ranks)."""
+    used, computed = map(sum, zip(*(step.student_positions for step in steps))) if steps else (0, 0)
+    used, computed = all_reduce_sum([float(used), float(computed)])
+    return 1.0 - used / computed if computed else 0.0
 
 
 def _fused_head(session: Session) -> bool:
