@@ -165,12 +165,12 @@ def test_step_batches_split_per_dp_rank(mini, micro, dp, uniform_length):
     for m in range(12 // mini):
         mini_batch = samples[m * mini:(m + 1) * mini]
         assert sum(by_rank[r][m].num_response_tokens for r in range(dp)) == sum(len(s.response_ids) for s in mini_batch)
+        union = sorted(s.prompt_index for r in range(dp) for s in by_rank[r][m].samples)
+        assert union == sorted(s.prompt_index for s in mini_batch)  # every sample once, on one rank
         for r in range(dp):
             step = by_rank[r][m]
-            # Rank r's contiguous slice of the mini-batch, longest sequence first, equal lengths in order.
-            mine = mini_batch[r * per_rank:(r + 1) * per_rank]
-            expected = sorted(mine, key=lambda s: -seq_len(s))
-            assert [s.prompt_index for s in step.samples] == [s.prompt_index for s in expected]
+            mine = step.samples
+            assert [seq_len(s) for s in mine] == sorted((seq_len(s) for s in mine), reverse=True)  # longest first
             assert len(step.samples) == per_rank
             assert len(step.student) == len(step.teacher) == -(-per_rank // micro)
             used, computed = step.student_positions
@@ -200,6 +200,38 @@ def test_step_batches_split_per_dp_rank(mini, micro, dp, uniform_length):
                         assert mb.extras["mask"][row].tolist() == ref_mask[0]
                     for row in range(len(rows), micro):  # filler rows of a short last micro-batch
                         assert not mb.extras["mask"][row].any()
+
+
+def test_balance_over_ranks_is_near_the_best_equal_count_split():
+    """Against the exhaustive optimum of the largest rank load over all equal-count splits (small cases),
+    and a preset's shape (a mini-batch of 32 over DP=8, responses of 200-4,096 tokens) against slicing."""
+    import itertools
+    import random
+
+    from megatron_eopd.trainer.batch import balance_over_ranks
+
+    for seed in range(40):
+        rng = random.Random(seed)
+        ranks, per_rank = rng.choice([(2, 3), (3, 2), (2, 4)])
+        lengths = [rng.randint(1, 100) for _ in range(ranks * per_rank)]
+        shares = balance_over_ranks(lengths, ranks, per_rank)
+        assert sorted(i for share in shares for i in share) == list(range(len(lengths)))
+        assert all(len(share) == per_rank for share in shares)
+        assert all([lengths[i] for i in share] == sorted((lengths[i] for i in share), reverse=True) for share in shares)
+        best = min(max(sum(lengths[i] for i in order[r * per_rank:(r + 1) * per_rank]) for r in range(ranks))
+                   for order in itertools.permutations(range(len(lengths))))
+        assert max(sum(lengths[i] for i in share) for share in shares) <= best + max(lengths) / 2, seed
+    assert balance_over_ranks([8, 7, 6, 5, 4, 3, 2, 1], 2, 4) == [[0, 3, 4, 7], [1, 2, 5, 6]]  # 18 and 18 tokens
+    sliced, dealt = [], []
+    for seed in range(50):
+        rng = random.Random(seed)
+        lengths = [150 + rng.randint(200, 4096) for _ in range(32)]
+        mean = sum(lengths) / 8
+        sliced.append(max(sum(lengths[r * 4:(r + 1) * 4]) for r in range(8)) / mean)
+        dealt.append(max(sum(lengths[i] for i in share) for share in balance_over_ranks(lengths, 8, 4)) / mean)
+    assert max(dealt) < 1.1 < sorted(sliced)[len(sliced) // 2], (max(dealt), sorted(sliced)[len(sliced) // 2])
+    with pytest.raises(ValueError, match="5 items do not fit 2 ranks of 2"):
+        balance_over_ranks([1] * 5, 2, 2)
 
 
 def test_length_grouped_micro_batches_compute_less_padding():

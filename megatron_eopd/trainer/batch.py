@@ -9,9 +9,11 @@ carry Qwen3's empty think block) and the teacher sees its end-of-turn token wher
 ``<|endoftext|>``.  Both views have the same response tokens in the same order, so a per-response-
 token quantity moves between them as the masked entries in row-major order (:func:`move_response_values`).
 
-Each data-parallel rank's share of a mini-batch is ordered by sequence length, longest first, and
-cut into micro-batches of ``micro_batch_size`` rows, so sequences of similar length share a
-micro-batch (and the first micro-batch shows the step's peak memory).  Without pipeline parallelism
+A mini-batch is dealt to the data-parallel ranks by sequence length (:func:`balance_over_ranks`),
+so every rank computes about the same number of tokens and none waits at the gradient all-reduce for
+a rank that drew the long responses.  Each rank's share is ordered longest first and cut into
+micro-batches of ``micro_batch_size`` rows, so sequences of similar length share a micro-batch (and
+the first micro-batch shows the step's peak memory).  Without pipeline parallelism
 every micro-batch is padded only to its own longest sequence; with it, to one length per optimizer
 step (the pipeline's buffers are sized once per call).  Rows added to fill the last micro-batch and
 padding positions carry a zero mask.  Neither the order nor the padding changes the loss: it is
@@ -133,21 +135,39 @@ def _views(samples: Sequence[Sample], micro_batch_size: int, pad_id: int, device
     return out
 
 
+def balance_over_ranks(lengths: Sequence[int], ranks: int, per_rank: int) -> list[list[int]]:
+    """Indices of each rank's items: longest first, each to the rank with the fewest tokens so far
+    among those with room for it (at most ``per_rank`` items each; ties go to the lower rank).
+
+    Every rank's list comes out longest first.  Deterministic: every rank computes the same deal.
+    """
+    if per_rank * ranks < len(lengths):
+        raise ValueError(f"{len(lengths)} items do not fit {ranks} ranks of {per_rank}")
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    loads = [0] * ranks
+    for item in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        rank = min((r for r in range(ranks) if len(shares[r]) < per_rank), key=lambda r: (loads[r], r))
+        shares[rank].append(item)
+        loads[rank] += lengths[item]
+    return shares
+
+
 def step_batches(samples: Sequence[Sample], *, mini_batch_size: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, pad_id: int, device, uniform_length: bool = False) -> list[StepBatch]:
     """This data-parallel rank's share of every mini-batch, as micro-batches in both views.
 
-    Mini-batch ``m`` is ``samples[m*mini : (m+1)*mini]``; rank ``r`` of ``dp_size`` takes the
-    contiguous slice ``r`` of it, so the union over ranks is the whole mini-batch.  The slice is
-    ordered longest sequence first (ties keep their order); ``uniform_length`` pads every
-    micro-batch of a step and view to the step's longest sequence (needed under pipeline
-    parallelism), otherwise each micro-batch to its own.
+    Mini-batch ``m`` is ``samples[m*mini : (m+1)*mini]``, dealt to the ``dp_size`` ranks by
+    :func:`balance_over_ranks` on the sequence lengths, so the union over ranks is the whole
+    mini-batch and every share is ordered longest first.  ``uniform_length`` pads every micro-batch
+    of a step and view to the step's longest sequence (needed under pipeline parallelism),
+    otherwise each micro-batch to its own.
     """
     per_rank = mini_batch_size // dp_size
     steps = []
     for start in range(0, len(samples), mini_batch_size):
-        mine = sorted(samples[start + dp_rank * per_rank : start + (dp_rank + 1) * per_rank],
-                      key=_sequence_length, reverse=True)
+        mini_batch = samples[start : start + mini_batch_size]
+        share = balance_over_ranks([_sequence_length(s) for s in mini_batch], dp_size, per_rank)[dp_rank]
+        mine = [mini_batch[i] for i in share]
         steps.append(StepBatch(
             student=_views(mine, micro_batch_size, pad_id, device, teacher=False, uniform_length=uniform_length),
             teacher=_views(mine, micro_batch_size, pad_id, device, teacher=True, uniform_length=uniform_length),
