@@ -66,9 +66,10 @@ def _command(models: dict, run_dir: Path, *overrides: str, ranks: int = 1, resum
             *BUDGET, *overrides]
 
 
-def _run(command: list[str]) -> None:
+def _run(command: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, f"{' '.join(command)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -180,16 +181,19 @@ def test_task_student_cannot_split_its_heads(models, tmp_path):
         plan_layout(config, 2)
 
 
-@pytest.mark.parametrize("layout,recompute", [("parallel.tensor=2", "none"), ("parallel.pipeline=2", "full")])
-def test_two_rank_layouts_match_one_process(models, golden_tp1, layout, recompute, tmp_path):
-    """TP=2 and PP=2 reproduce TP=1; the PP=2 run also recomputes the student's activations, which
-    must not change a number either."""
+@pytest.mark.parametrize("layout,recompute,tp_pp", [
+    ("parallel.tensor=2", "none", (2, 1)),
+    ("parallel.pipeline=2", "full", (1, 2)),
+    ("parallel.tensor=1", "none", (1, 1)),  # DP=2: the distributed optimizer, mini-batches dealt over ranks
+], ids=["tp2", "pp2-recompute", "dp2"])
+def test_two_rank_layouts_match_one_process(models, golden_tp1, layout, recompute, tp_pp, tmp_path):
+    """TP=2, PP=2 and DP=2 reproduce one process; the PP=2 run also recomputes the student's
+    activations, which must not change a number either."""
     run_dir = tmp_path / "run"
     _run(_command(models, run_dir, "train.iterations=2", layout, f"train.recompute={recompute}", ranks=2))
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["recompute"] == recompute
     meta = json.loads((run_dir / "checkpoints" / "iter_0000002" / "eopd_checkpoint.json").read_text())
-    key = "tensor_model_parallel_size" if "tensor" in layout else "pipeline_model_parallel_size"
-    assert meta[key] == 2
+    assert (meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]) == tp_pp
     rows = _rows(run_dir)
     assert [r["iteration"] for r in rows] == [1, 2]
     for got, want in zip(rows, golden_tp1):
@@ -198,6 +202,22 @@ def test_two_rank_layouts_match_one_process(models, golden_tp1, layout, recomput
         for key in NUMERIC:
             assert math.isclose(got[key], want[key], rel_tol=RTOL, abs_tol=ATOL), (
                 f"iteration {got['iteration']} {key}: {layout} {got[key]!r} vs TP=1 {want[key]!r}")
+
+
+def test_dp2_checkpoint_of_the_distributed_optimizer_resumes(models, reference, tmp_path):
+    """DP=2 (Megatron's distributed optimizer, its state sharded over the two ranks) saves after
+    iteration 2 and a new launch resumes from it: iterations 3-4 match the one-process reference."""
+    run_dir = tmp_path / "run"
+    _run(_command(models, run_dir, "train.iterations=2", "checkpoint.save_interval=1", ranks=2))
+    assert _latest(run_dir) == "iter_0000002"
+    _run(_command(models, run_dir, "train.iterations=4", "checkpoint.save_interval=1", ranks=2, resume=True))
+    rows = _rows(run_dir)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    for got, want in zip(rows, reference):
+        assert {k: got[k] for k in FROM_SAMPLES} == {k: want[k] for k in FROM_SAMPLES}, got["iteration"]
+        for key in NUMERIC:
+            assert math.isclose(got[key], want[key], rel_tol=RTOL, abs_tol=ATOL), (
+                f"iteration {got['iteration']} {key}: DP=2 {got[key]!r} vs one process {want[key]!r}")
 
 
 def test_sigkill_inside_an_iteration_then_auto_resume_is_exact(models, reference, tmp_path):

@@ -2,8 +2,8 @@
 
 Megatron-Core is written for GPUs.  On a CPU-only machine it still works once a handful of CUDA
 touch points are rerouted (FACTS.md lists them): allocations on ``torch.cuda.current_device()``,
-literal ``device="cuda"`` in factory calls, ``.cuda()`` moves, ``torch.cuda.synchronize`` and the
-CUDA RNG tracker.  :func:`enable` installs the redirections; it is only ever called by
+literal ``device="cuda"`` in factory calls, ``.cuda()`` moves, ``torch.cuda.synchronize``, the
+CUDA RNG tracker and the optimizers' ``tensor.type()`` checks.  :func:`enable` installs the redirections; it is only ever called by
 :mod:`megatron_eopd.platform.distributed` when no GPU is present, so nothing here touches the
 CUDA path.
 """
@@ -36,9 +36,15 @@ class CudaToCpuMode(TorchFunctionMode):
 
     Catches literal ``device="cuda"`` (e.g. ``get_default_causal_mask``, the pipeline schedules'
     token counters) and ``device=torch.cuda.current_device()`` alike, without editing Megatron.
+    ``tensor.type()`` (the type-name query, no argument) names CPU tensors as their CUDA
+    counterparts: Megatron's optimizers sort parameters by comparing it with
+    ``"torch.cuda.FloatTensor"``, and the distributed optimizer (DP > 1) refuses anything else.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         kwargs = dict(kwargs or {})
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"

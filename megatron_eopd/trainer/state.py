@@ -5,7 +5,7 @@ checkpoint (``tools/convert_mcore_to_hf.py`` and ``student.checkpoint`` read it)
 
     release/             Megatron torch_dist: the student's sharded weights and optimizer state
     eopd_checkpoint.json model metadata;  hf/  the student's config and tokenizer files
-    trainer_state.json   iteration, learning-rate schedule, prompt-stream position, config
+    trainer_state.json   iteration, learning-rate schedule, optimizer step count, prompt-stream position, config
     rng/rank_R.pt        every RNG of rank R (Python, NumPy, torch, CUDA, Megatron's tracker)
 
 Writing goes to ``checkpoints/.tmp-iter_NNNNNNN`` and is renamed when every rank is done; the
@@ -106,9 +106,70 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# How Megatron's distributed optimizer (DP > 1) lays its state out in a checkpoint: one tensor per
+# contiguous gradient-buffer shard, written and read by every rank in parallel (its default,
+# "fully_sharded_model_space", is deprecated and fails to save).  Ignored by the plain optimizer (DP = 1).
+OPTIMIZER_CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside Megatron's (chained, possibly distributed) optimizer."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [part.optimizer for part in parts if isinstance(getattr(part, "optimizer", None), torch.optim.Optimizer)]
+
+
+def _optimizer_steps(optimizer) -> Optional[int]:
+    """Steps taken, from Adam's per-parameter ``step`` counters (None before the first step)."""
+    steps = {int(float(state["step"])) for inner in _torch_optimizers(optimizer)
+             for state in inner.state.values() if "step" in state}
+    if len(steps) > 1:
+        raise CheckpointError(f"the optimizer's parameters disagree on the step count: {sorted(steps)}")
+    return steps.pop() if steps else None
+
+
+def _set_optimizer_steps(optimizer, steps: int) -> None:
+    """Give every parameter its own ``step`` counter at ``steps``.
+
+    Megatron's distributed optimizer, with torch's AdamW (no transformer-engine or apex), restores
+    the count from the state it describes before loading, not from the checkpoint, and as one
+    tensor shared by all parameters, which AdamW then advances once per parameter and step: Adam's
+    bias correction, hence the effective learning rate, would be wrong after every resume.
+    """
+    for inner in _torch_optimizers(optimizer):
+        for state in inner.state.values():
+            if "step" in state:
+                old = state["step"]
+                device = old.device if isinstance(old, torch.Tensor) else "cpu"
+                state["step"] = torch.tensor(float(steps), dtype=torch.float32, device=device)
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """Give a torch optimizer that has not stepped yet its state tensors, leaving the weights as they are.
+
+    Megatron's distributed optimizer reads its inner optimizer's ``step`` while it describes the
+    state to load, so with torch's AdamW (no transformer-engine or apex) a fresh one fails before
+    any checkpoint is read.  One step on zero gradients creates every state tensor; the weights it
+    would touch (weight decay) are put back, and the checkpoint then overwrites the state.
+    """
+    for inner in _torch_optimizers(optimizer):
+        if inner.state:
+            continue
+        params = [p for group in inner.param_groups for p in group["params"] if p.numel()]
+        kept = [p.detach().clone() for p in params]
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for param, value in zip(params, kept):
+                param.copy_(value)
+
+
 def _sharded_state(opt, *, loading: bool) -> dict:
     model_state = unwrap_model(opt.chunks[0]).sharded_state_dict()
-    return {"model": model_state, "optimizer": opt.optimizer.sharded_state_dict(model_state, is_loading=loading)}
+    optimizer_state = opt.optimizer.sharded_state_dict(model_state, is_loading=loading,
+                                                       metadata=dict(OPTIMIZER_CHECKPOINT_METADATA))
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def save_checkpoint(root: Path, opt, state: RunState, *, config: dict, student_hf_dir: Path, keep_last: int) -> Path:
@@ -141,6 +202,7 @@ def save_checkpoint(root: Path, opt, state: RunState, *, config: dict, student_h
             "iteration": state.iteration,
             "data": state.data,
             "scheduler": opt.scheduler.state_dict(),
+            "optimizer_steps": _optimizer_steps(opt.optimizer),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "config": config,
         }
@@ -175,9 +237,13 @@ def load_checkpoint(path: Path, opt) -> RunState:
             "resume needs the same world size (to continue elsewhere, start a new run with "
             f"student.checkpoint={path})"
         )
+    _materialise_optimizer_state(opt.optimizer)
     loaded = dist_checkpointing.load(_sharded_state(opt, loading=True), str(path / RELEASE))
     unwrap_model(opt.chunks[0]).load_state_dict(loaded["model"])
-    opt.optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # fp32 weights are their own main copy: the optimizer writes into the parameters
+        opt.optimizer.load_state_dict(loaded["optimizer"])
+    if trainer_state.get("optimizer_steps") is not None:
+        _set_optimizer_steps(opt.optimizer, int(trainer_state["optimizer_steps"]))
     opt.scheduler.load_state_dict(trainer_state["scheduler"])
     _set_rng_state(torch.load(rng_file, weights_only=False))
     return RunState(iteration=int(trainer_state["iteration"]), data=trainer_state.get("data"))
