@@ -318,3 +318,17 @@ def test_bad_input_still_exits_2(tmp_path, capsys):
 
     rc = hf_to_mcore_main(["--hf-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "out")])
     assert rc == EXIT_BAD_INPUT and "does not exist" in capsys.readouterr().err
+
+
+def test_cpu_layer_names_tensor_types_as_megatron_optimizers_expect(model_parallel):
+    """On CPU, ``tensor.type()`` answers with the CUDA type name (Megatron's optimizers sort parameters by
+    it, the distributed optimizer refuses others); ``tensor.type(dtype)`` still converts; CUDA is untouched."""
+    from megatron_eopd.platform import cpu_compat
+
+    if not cpu_compat.is_enabled():
+        pytest.skip("the CPU compatibility layer is only active on machines without CUDA")
+    assert torch.zeros(2).type() == "torch.cuda.FloatTensor"
+    assert torch.zeros(2, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    converted = torch.zeros(2).type(torch.float64)
+    assert converted.dtype == torch.float64 and converted.device.type == "cpu"
+    assert torch.zeros(2).type("torch.DoubleTensor").dtype == torch.float64
