@@ -134,8 +134,8 @@ def test_out_of_memory_gives_a_row_and_the_run_goes_on(monkeypatch, capsys):
     real_build = bench.build_model
     raised = []
 
-    def build_with_oom_at_mb2(framework, arch, args, device):
-        model = real_build(framework, arch, args, device)
+    def build_with_oom_at_mb2(framework, arch, args, device, training=True):
+        model = real_build(framework, arch, args, device, training=training)
 
         def hook(module, args_, kwargs):
             tokens = args_[0] if args_ else kwargs["input_ids"]
@@ -159,8 +159,8 @@ def test_out_of_memory_gives_a_row_and_the_run_goes_on(monkeypatch, capsys):
     assert len(oom_lines) == 4, out
     assert all(r["tokens_per_s"] > 0 for r in report["rows"] if r["status"] == "ok")
 
-    def build_with_bug(framework, arch, args, device):
-        model = real_build(framework, arch, args, device)
+    def build_with_bug(framework, arch, args, device, training=True):
+        model = real_build(framework, arch, args, device, training=training)
         model.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
         return model
 
