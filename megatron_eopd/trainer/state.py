@@ -151,8 +151,14 @@ def _materialise_optimizer_state(optimizer) -> None:
     any checkpoint is read.  One step on zero gradients creates every state tensor; the weights it
     would touch (weight decay) are put back, and the checkpoint then overwrites the state.
     """
-    for inner in _torch_optimizers(optimizer):
-        if inner.state:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        # Only the distributed optimizer needs it; transformer-engine's and apex's fused Adam keep
+        # the step elsewhere and load without it.
+        if (not isinstance(part, DistributedOptimizer) or not isinstance(inner, torch.optim.Optimizer)
+                or inner.state or not type(inner).__module__.startswith("torch.optim")):
             continue
         params = [p for group in inner.param_groups for p in group["params"] if p.numel()]
         kept = [p.detach().clone() for p in params]
