@@ -68,7 +68,7 @@ def _assert_same_gradient(got: torch.Tensor, want: torch.Tensor, name: str) -> N
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=name)
 
 
-def test_unknown_mode_is_refused_before_building(model_parallel):
+def test_unknown_mode_is_refused_before_building():
     from megatron_eopd.models.qwen3.model import recompute_overrides
 
     assert recompute_overrides("none") == {}

@@ -78,6 +78,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eopd.models.qwen3.architecture import QWEN3_PRESETS, Qwen3Arch  # noqa: E402
+from megatron_eopd.models.qwen3.model import RECOMPUTE_FULL, RECOMPUTE_MODES, RECOMPUTE_NONE  # noqa: E402
 
 GIB = float(2**30)
 FRAMEWORKS = ("megatron", "megatron-fused", "hf", "hf-liger")  # also the order they run in (Liger patches go last)
@@ -188,7 +189,8 @@ def build_hf(arch: Qwen3Arch, dtype: torch.dtype, device: torch.device, attn_imp
     return model.to(device=device)
 
 
-def build_megatron(arch: Qwen3Arch, dtype: torch.dtype, layer_spec: str, attention: str, recompute: str = "none"):
+def build_megatron(arch: Qwen3Arch, dtype: torch.dtype, layer_spec: str, attention: str,
+                   recompute: str = RECOMPUTE_NONE):
     from megatron_eopd.models.qwen3 import build_qwen3_gpt
 
     extra = {"attention_backend": attention} if layer_spec == "local" else {}
@@ -202,14 +204,14 @@ def build_model(framework: str, arch: Qwen3Arch, args: argparse.Namespace, devic
     dtype = DTYPES[args.dtype]
     if framework in ("megatron", "megatron-fused"):
         return build_megatron(arch, dtype, args.layer_spec, args.attention,
-                              recompute=args.recompute if training else "none")
+                              recompute=args.recompute if training else RECOMPUTE_NONE)
     return build_hf(arch, dtype, device)
 
 
 def framework_label(framework: str, args: argparse.Namespace, training: bool = True) -> str:
     if framework in ("megatron", "megatron-fused"):
         head = ", fused head" if framework == "megatron-fused" else ""
-        head += ", full recompute" if training and args.recompute == "full" else ""
+        head += ", full recompute" if training and args.recompute == RECOMPUTE_FULL else ""
         if args.layer_spec == "local":
             return f"{framework} (local spec, {args.attention} attn{head})"
         return f"{framework} (te spec{head})"
@@ -689,7 +691,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="core attention of the Megatron local spec (models/attention.py); default sdpa")
     parser.add_argument("--layer-spec", choices=["local", "te"], default=None,
                         help="Megatron layer spec (default: te when transformer-engine imports, else local)")
-    parser.add_argument("--recompute", choices=["none", "full"], default="none",
+    parser.add_argument("--recompute", choices=list(RECOMPUTE_MODES), default=RECOMPUTE_NONE,
                         help="activation recomputation of the Megatron students (train.recompute); default none")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak for MFU")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")

@@ -3,9 +3,9 @@
 Megatron-Core is written for GPUs.  On a CPU-only machine it still works once a handful of CUDA
 touch points are rerouted (FACTS.md lists them): allocations on ``torch.cuda.current_device()``,
 literal ``device="cuda"`` in factory calls, ``.cuda()`` moves, ``torch.cuda.synchronize``, the
-CUDA RNG tracker and the optimizers' ``tensor.type()`` checks.  :func:`enable` installs the redirections; it is only ever called by
-:mod:`megatron_eopd.platform.distributed` when no GPU is present, so nothing here touches the
-CUDA path.
+CUDA RNG tracker and the optimizers' ``tensor.type()`` checks.  :func:`enable` installs the
+redirections; it is only ever called by :mod:`megatron_eopd.platform.distributed` when no GPU is
+present, so nothing here touches the CUDA path.
 """
 
 from __future__ import annotations

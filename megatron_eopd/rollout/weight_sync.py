@@ -109,8 +109,9 @@ class WeightSyncer:
 
     ``engine``: the engine this rank hosts, or ``None``.  ``exporter``: streams HF-named tensors
     (default: the Qwen3 mapping's ``iter_hf_weights``).  ``architecture``: the student's
-    :class:`Qwen3Arch` or HF config (default: read from the model built by ``build_qwen3_gpt``).  ``strict``: a sync that leaves
-    any engine parameter unwritten raises :class:`WeightSyncError` before the probe runs.
+    :class:`Qwen3Arch` or HF config (default: read from the model built by ``build_qwen3_gpt``).
+    ``strict``: a sync that leaves any engine parameter unwritten raises :class:`WeightSyncError`
+    before the probe runs.
     """
 
     def __init__(

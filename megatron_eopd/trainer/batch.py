@@ -13,9 +13,9 @@ A mini-batch is dealt to the data-parallel ranks by sequence length (:func:`bala
 so every rank computes about the same number of tokens and none waits at the gradient all-reduce for
 a rank that drew the long responses.  Each rank's share is ordered longest first and cut into
 micro-batches of ``micro_batch_size`` rows, so sequences of similar length share a micro-batch (and
-the first micro-batch shows the step's peak memory).  Without pipeline parallelism
-every micro-batch is padded only to its own longest sequence; with it, to one length per optimizer
-step (the pipeline's buffers are sized once per call).  Rows added to fill the last micro-batch and
+the first micro-batch shows the step's peak memory).  Without pipeline parallelism every
+micro-batch is padded only to its own longest sequence; with it, to one length per optimizer step
+(the pipeline's buffers are sized once per call).  Rows added to fill the last micro-batch and
 padding positions carry a zero mask.  Neither the order nor the padding changes the loss: it is
 normalised over the mini-batch's response tokens, and causal attention never lets a position see
 the padding behind it.
@@ -63,11 +63,16 @@ class PackedView:
         return self.tokens.shape[1]
 
 
+def _positions(prompt: Sequence[int], response: Sequence[int]) -> int:
+    """Positions the model reads for ``prompt + response``: the sequence without its last token."""
+    return len(prompt) + len(response) - 1
+
+
 def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int,
          length: Optional[int] = None, rows: Optional[int] = None, device=None) -> PackedView:
     """Right-padded inputs/labels/mask of ``prompt + response`` sequences (see the module docstring)."""
     n = len(prompts)
-    lengths = [len(p) + len(r) - 1 for p, r in zip(prompts, responses)]
+    lengths = [_positions(p, r) for p, r in zip(prompts, responses)]
     length = max(lengths, default=1) if length is None else length
     rows = n if rows is None else rows
     if any(x > length for x in lengths) or rows < n:
@@ -111,19 +116,15 @@ class StepBatch:
     @property
     def student_positions(self) -> tuple[int, int]:
         """(positions holding a sample's tokens, positions the student computes) over its micro-batches."""
-        used = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in self.samples)
+        used = sum(_positions(s.prompt_ids, s.response_ids) for s in self.samples)
         return used, sum(mb.tokens.numel() for mb in self.student)
-
-
-def _sequence_length(sample: Sample) -> int:
-    return len(sample.prompt_ids) + len(sample.response_ids)
 
 
 def _views(samples: Sequence[Sample], micro_batch_size: int, pad_id: int, device, *, teacher: bool,
            uniform_length: bool) -> list[MicroBatch]:
     prompts = [s.teacher_prompt_ids if teacher else s.prompt_ids for s in samples]
     responses = [s.teacher_response_ids if teacher else s.response_ids for s in samples]
-    lengths = [len(p) + len(r) - 1 for p, r in zip(prompts, responses)]
+    lengths = [_positions(p, r) for p, r in zip(prompts, responses)]
     out = []
     for start in range(0, len(samples), micro_batch_size):
         stop = start + micro_batch_size
@@ -166,11 +167,14 @@ def step_batches(samples: Sequence[Sample], *, mini_batch_size: int, micro_batch
     steps = []
     for start in range(0, len(samples), mini_batch_size):
         mini_batch = samples[start : start + mini_batch_size]
-        share = balance_over_ranks([_sequence_length(s) for s in mini_batch], dp_size, per_rank)[dp_rank]
+        lengths = [_positions(s.prompt_ids, s.response_ids) for s in mini_batch]
+        share = balance_over_ranks(lengths, dp_size, per_rank)[dp_rank]
         mine = [mini_batch[i] for i in share]
         steps.append(StepBatch(
-            student=_views(mine, micro_batch_size, pad_id, device, teacher=False, uniform_length=uniform_length),
-            teacher=_views(mine, micro_batch_size, pad_id, device, teacher=True, uniform_length=uniform_length),
+            student=_views(mine, micro_batch_size, pad_id, device, teacher=False,
+                           uniform_length=uniform_length),
+            teacher=_views(mine, micro_batch_size, pad_id, device, teacher=True,
+                           uniform_length=uniform_length),
             samples=mine,
         ))
     return steps

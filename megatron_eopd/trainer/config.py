@@ -16,6 +16,7 @@ from typing import Iterable, Literal, Optional
 
 from megatron_eopd.config import ConfigError, build_config
 from megatron_eopd.models.qwen3 import QWEN3_PRESETS, Qwen3Arch, padded_vocab_size, parse_hf_config, validate_parallelism
+from megatron_eopd.models.qwen3.model import RECOMPUTE_FULL
 from megatron_eopd.objective import EOPDLossConfig
 from megatron_eopd.objective.fused_head import DEFAULT_BLOCK_ELEMENTS
 from megatron_eopd.platform import launch_ranks_per_node
@@ -359,7 +360,7 @@ def plan_layout(config: EOPDTrainConfig, world_size: int, *, num_prompts: Option
 def _student_activation_bytes(recompute: str, student: Qwen3Arch, tokens: int, tp: int, pp: int) -> float:
     layer = 34 * student.hidden_size * tokens / tp  # everything one layer keeps for backward
     layers = student.num_layers / pp
-    if recompute == "full":
+    if recompute == RECOMPUTE_FULL:
         return 2 * student.hidden_size * tokens * layers + layer
     return layer * layers
 

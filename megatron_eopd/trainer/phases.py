@@ -105,14 +105,9 @@ def make_steps(session: Session, samples: list[Sample]) -> list[StepBatch]:
 
 def padding_fraction(steps: list[StepBatch]) -> float:
     """Share of the positions the student computes this iteration that are padding (all DP ranks)."""
-    used, computed = map(sum, zip(*(step.student_positions for step in steps))) if steps else (0, 0)
-    used, computed = all_reduce_sum([float(used), float(computed)])
+    counts = [step.student_positions for step in steps]
+    used, computed = all_reduce_sum([float(sum(u for u, _ in counts)), float(sum(c for _, c in counts))])
     return 1.0 - used / computed if computed else 0.0
-
-
-def _fused_head(session: Session) -> bool:
-    """Whether the output layers run inside the loss (train.fused_output_layer, unless the loss reads full logits)."""
-    return session.config.fused_head
 
 
 def teacher_statistics(session: Session, steps: list[StepBatch], iteration: int) -> list:
@@ -122,7 +117,7 @@ def teacher_statistics(session: Session, steps: list[StepBatch], iteration: int)
     statistic), before the student sees them.
     """
     outputs = [score_teacher(session.teacher, step, session.config.loss, tp_group=_tp_group(),
-                             true_vocab_size=session.vocab_size, fused_head=_fused_head(session))
+                             true_vocab_size=session.vocab_size, fused_head=session.config.fused_head)
                for step in steps]
     check_teacher_outputs(outputs, iteration)
     return outputs
@@ -135,9 +130,9 @@ def student_update(session: Session, steps: list[StepBatch], teacher: Optional[l
     if session.config.train.mode == "sft":
         for index, step in enumerate(steps):
             metrics += sft_update(session.student, step, tp_group=group, true_vocab_size=session.vocab_size,
-                                  iteration=iteration, step_index=index, fused_head=_fused_head(session))
+                                  iteration=iteration, step_index=index, fused_head=session.config.fused_head)
         return metrics, {}
-    fused = _fused_head(session)
+    fused = session.config.fused_head
     olds = [old_logprobs(session.student.chunks, step, tp_group=group, true_vocab_size=session.vocab_size,
                          fused_head=fused) for step in steps]
     for old, step in zip(olds, steps):

@@ -112,15 +112,16 @@ def _set_rng_state(state: dict) -> None:
 OPTIMIZER_CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def _torch_optimizers(optimizer) -> list:
-    """The torch optimizers inside Megatron's (chained, possibly distributed) optimizer."""
+def _optimizer_parts(optimizer) -> list[tuple[Any, torch.optim.Optimizer]]:
+    """(Megatron optimizer, the torch optimizer inside it) for each part of a chained optimizer."""
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [part.optimizer for part in parts if isinstance(getattr(part, "optimizer", None), torch.optim.Optimizer)]
+    return [(part, part.optimizer) for part in parts
+            if isinstance(getattr(part, "optimizer", None), torch.optim.Optimizer)]
 
 
 def _optimizer_steps(optimizer) -> Optional[int]:
     """Steps taken, from Adam's per-parameter ``step`` counters (None before the first step)."""
-    steps = {int(float(state["step"])) for inner in _torch_optimizers(optimizer)
+    steps = {int(float(state["step"])) for _, inner in _optimizer_parts(optimizer)
              for state in inner.state.values() if "step" in state}
     if len(steps) > 1:
         raise CheckpointError(f"the optimizer's parameters disagree on the step count: {sorted(steps)}")
@@ -135,7 +136,7 @@ def _set_optimizer_steps(optimizer, steps: int) -> None:
     tensor shared by all parameters, which AdamW then advances once per parameter and step: Adam's
     bias correction, hence the effective learning rate, would be wrong after every resume.
     """
-    for inner in _torch_optimizers(optimizer):
+    for _, inner in _optimizer_parts(optimizer):
         for state in inner.state.values():
             if "step" in state:
                 old = state["step"]
@@ -153,12 +154,11 @@ def _materialise_optimizer_state(optimizer) -> None:
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(part, "optimizer", None)
+    for part, inner in _optimizer_parts(optimizer):
         # Only the distributed optimizer needs it; transformer-engine's and apex's fused Adam keep
         # the step elsewhere and load without it.
-        if (not isinstance(part, DistributedOptimizer) or not isinstance(inner, torch.optim.Optimizer)
-                or inner.state or not type(inner).__module__.startswith("torch.optim")):
+        torch_adam = type(inner).__module__.startswith("torch.optim")
+        if not isinstance(part, DistributedOptimizer) or inner.state or not torch_adam:
             continue
         params = [p for group in inner.param_groups for p in group["params"] if p.numel()]
         kept = [p.detach().clone() for p in params]
