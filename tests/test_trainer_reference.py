@@ -54,7 +54,7 @@ def iteration_one(session):
     steps = phases.make_steps(session, samples)
     teacher = phases.teacher_statistics(session, steps, 1)
     student = [old_logprobs(session.student.chunks, step, tp_group=phases._tp_group(),
-                            true_vocab_size=session.vocab_size, fused_head=phases._fused_head(session))
+                            true_vocab_size=session.vocab_size, fused_head=session.config.fused_head)
                for step in steps]
     return steps, teacher, student
 
