@@ -12,6 +12,7 @@ then loads those weights both ways and must agree with those log-probs.
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -207,11 +208,33 @@ def test_memory_sync_after_an_optimizer_step(engine, student, syncer, probe_seqs
     assert report.load.num_tensors == len(expected_hf_shapes(student.eopd_arch))
     assert report.load.not_updated == []
     assert report.load.num_messages > 1, "the sync should have streamed several buckets"
+    assert report.load.transport == "ipc", "auto shares buckets through /dev/shm when it has room"
     after = engine.score(probe_seqs)
     change = max(float((a - b).abs().max()) for a, b in zip(after, before))
     assert change > 0.05, f"log-probs barely moved ({change:.3g}) after an optimizer step"
     # Sampling sees the new weights too (the prompts were cached by the first test).
     _assert_sampled_logprobs_match_megatron(engine, student, _prompts())
+
+
+@pytest.mark.vllm
+def test_memory_sync_with_the_bytes_in_the_message_after_a_perturbation(engine, student, syncer, probe_seqs):
+    """The bytes transport (the tensors inside the RPC message) lands the same weights; the default left no shm file."""
+    from megatron_eopd.rollout.transports import _shm_directory
+
+    before = engine.score(probe_seqs)
+    _perturb(student, seed=SEED + 9)
+    default_config = engine.config
+    engine.config = default_config.replace(sync_transport="bytes")
+    try:
+        report = syncer.sync(student, method="memory")
+    finally:
+        engine.config = default_config
+    assert report.load.transport == "bytes" and report.load.num_messages > 1
+    assert report.parity.passed and report.parity.max_abs_diff < TIGHT["max_abs_tolerance"], report.parity.summary()
+    assert report.load.not_updated == []
+    after = engine.score(probe_seqs)
+    assert max(float((a - b).abs().max()) for a, b in zip(after, before)) > 0.05
+    assert list(Path(_shm_directory()).glob(f"eopd-weights-{os.getpid()}-*")) == []
 
 
 @pytest.mark.vllm

@@ -4,17 +4,20 @@
 For each model size: build the Megatron student (TP1/PP1, in this process) from a random HF Qwen3,
 start vLLM on its HF export, then run ``WeightSyncer.sync`` ``--repeats`` times per path:
 
-* memory: exporter -> bucketed RPC into vLLM's worker extension -> ``load_weights`` in place;
-* disk:   exporter -> safetensors HF directory under a sync dir -> vLLM in-place reload.
+* memory/bytes: exporter -> bucketed RPC carrying the tensors' bytes into vLLM's worker extension
+  -> ``load_weights`` in place;
+* memory/ipc:   the same, but each bucket is one shared buffer the worker maps (CUDA IPC on GPUs,
+  ``/dev/shm`` on CPU) and the RPC carries only its handle;
+* disk:         exporter -> safetensors HF directory under a sync dir -> vLLM in-place reload.
 
 Sync time (export + transfer + load) and the parity probe are timed separately.  A line
 ``t = fixed + bytes / throughput`` fitted through the sizes' medians gives the Qwen3-4B estimate
-(bf16, tied embedding sent once).  Numbers on a CPU machine describe the CPU transports (tensor
-bytes inside the RPC message; disk through the page cache); on GPU clusters the in-memory path would
-use CUDA IPC / NCCL and the disk path a shared file system, so re-run it there.
+(bf16, tied embedding sent once).  Numbers on a CPU machine describe the CPU transports (disk
+through the page cache); on GPU clusters the model sits on the GPU, ``ipc`` is a CUDA IPC handle
+and the disk path a shared file system, so re-run it there.
 
     python tools/bench_weight_sync.py                 # tiny + small, bf16
-    python tools/bench_weight_sync.py --sizes tiny --repeats 2 --dtype float32
+    python tools/bench_weight_sync.py --sizes tiny --repeats 2 --dtype float32 --paths memory/ipc
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+PATHS = ("memory/bytes", "memory/ipc", "disk")
 SIZES = {
     # name: make_tiny_qwen3 keyword arguments
     "tiny": dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, ffn_hidden_size=128),
@@ -97,7 +101,9 @@ def _bench_size(name: str, args, workdir: Path) -> list[dict]:
     syncer = WeightSyncer(engine, config)
     rows = []
     try:
-        for method in ("memory", "disk"):
+        for path in args.paths:
+            method, _, transport = path.partition("/")
+            engine.config = config.replace(sync_transport=transport or "auto")
             times, probes, report = [], [], None
             for rep in range(args.repeats):
                 with torch.no_grad():
@@ -113,7 +119,7 @@ def _bench_size(name: str, args, workdir: Path) -> list[dict]:
                     engine,
                     megatron_sequence_logprobs(student, seqs),
                     seqs,
-                    probe=f"bench-{name}-{method}-{rep}",
+                    probe=f"bench-{name}-{method}{transport}-{rep}",
                     config=config.parity,
                     raise_on_failure=False,
                 )
@@ -121,7 +127,7 @@ def _bench_size(name: str, args, workdir: Path) -> list[dict]:
             rows.append(
                 dict(
                     size=name,
-                    method=method,
+                    path=path,
                     tensors=report.load.num_tensors,
                     bytes=report.load.num_bytes,
                     messages=report.load.num_messages,
@@ -154,7 +160,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--bucket-mb", type=float, default=512.0, help="in-memory sync bucket size")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, from {list(PATHS)}")
     args = parser.parse_args(argv)
+    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if not args.paths or any(p not in PATHS for p in args.paths):
+        parser.error(f"--paths: choose from {list(PATHS)}, got {args.paths}")
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
@@ -179,14 +189,14 @@ def main(argv=None) -> int:
         f"median of {args.repeats})"
     )
     header = (
-        f"{'size':6} {'path':7} {'tensors':>7} {'MiB':>9} {'msgs':>5} {'sync s':>8} {'MiB/s':>8} "
+        f"{'size':6} {'path':12} {'tensors':>7} {'MiB':>9} {'msgs':>5} {'sync s':>8} {'MiB/s':>8} "
         f"{'probe s':>8} {'max diff':>9} {'mean diff':>9}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['size']:6} {r['method']:7} {r['tensors']:7d} {r['bytes'] / mib:9.2f} {r['messages']:5d} "
+            f"{r['size']:6} {r['path']:12} {r['tensors']:7d} {r['bytes'] / mib:9.2f} {r['messages']:5d} "
             f"{r['sync_s']:8.3f} {r['bytes'] / mib / r['sync_s']:8.1f} {r['probe_s']:8.3f} "
             f"{r['max_diff']:9.2e} {r['mean_diff']:9.2e}"
         )
@@ -198,14 +208,14 @@ def main(argv=None) -> int:
         f"{bytes_4b / 1024**3:.2f} GiB "
         f"in bf16 (fit t = fixed + bytes / throughput over the sizes above)"
     )
-    header = f"{'path':7} {'fixed s':>8} {'MiB/s':>8} {'est. sync s':>12}"
+    header = f"{'path':12} {'fixed s':>8} {'MiB/s':>8} {'est. sync s':>12}"
     print(header)
     print("-" * len(header))
-    for method in ("memory", "disk"):
-        pts = [(r["bytes"], r["sync_s"]) for r in rows if r["method"] == method]
+    for path in args.paths:
+        pts = [(r["bytes"], r["sync_s"]) for r in rows if r["path"] == path]
         fixed, per_byte = _fit(pts)
         throughput = 1 / per_byte / mib if per_byte > 0 else float("inf")
-        print(f"{method:7} {fixed:8.3f} {throughput:8.1f} {fixed + per_byte * bytes_4b:12.1f}")
+        print(f"{path:12} {fixed:8.3f} {throughput:8.1f} {fixed + per_byte * bytes_4b:12.1f}")
     if len(sizes) == 1:
         print("(one size only: its fixed per-sync cost is counted as bandwidth; run with --sizes tiny,small)")
     return 0

@@ -25,6 +25,7 @@ from typing import Iterable, Literal, Optional, Sequence, Union
 import torch
 
 from megatron_eopd.errors import EOPDError
+from megatron_eopd.rollout.transports import TRANSPORTS
 
 FinishReason = Literal["stop", "length"]
 EngineName = Literal["vllm", "hf"]
@@ -140,6 +141,7 @@ class WeightLoadReport:
     # Engine parameters that this update did not overwrite (stale); empty after a complete sync.
     not_updated: list[str] = field(default_factory=list)
     num_messages: int = 1  # RPC buckets (memory) or files read (disk)
+    transport: Optional[str] = None  # how memory buckets crossed into the engine ("bytes" / "ipc")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -194,8 +196,10 @@ class RolloutConfig:
     ``seed``.  ``engines_per_node``: engines per node at cluster scale (each serves a share of the
     prompts).  ``sleep_between_phases``: on GPUs the engine sleeps while the models train (None: on
     wherever vLLM runs on a GPU).  ``weight_sync``: ``"memory"`` streams tensors into the running engine in buckets of
-    ``sync_bucket_mb``; ``"disk"`` writes a HF directory under ``sync_dir`` (shared disk) and has the
-    engine reload it.
+    ``sync_bucket_mb``, each crossing into the engine by ``sync_transport`` (``"ipc"``: a handle to one
+    shared buffer, CUDA IPC on GPUs and ``/dev/shm`` on CPU; ``"bytes"``: the tensors inside the RPC
+    message; ``"auto"``: IPC unless ``/dev/shm`` lacks room for a CPU bucket); ``"disk"`` writes a
+    HF directory under ``sync_dir`` (shared disk) and has the engine reload it.
     """
 
     engine: EngineName = "vllm"
@@ -211,6 +215,7 @@ class RolloutConfig:
     weight_sync: Literal["memory", "disk"] = "memory"
     sync_dir: Optional[str] = None
     sync_bucket_mb: float = 512.0
+    sync_transport: Literal["auto", "bytes", "ipc"] = "auto"
     hf_device: str = "cpu"
     show_progress: bool = True
     engines_per_node: int = 1
@@ -245,6 +250,8 @@ class RolloutConfig:
             raise ValueError("rollout.weight_sync='disk' needs rollout.sync_dir (a directory on shared disk)")
         if self.engines_per_node < 1:
             raise ValueError(f"rollout.engines_per_node must be >= 1, got {self.engines_per_node}")
+        if self.sync_transport not in TRANSPORTS:
+            raise ValueError(f"rollout.sync_transport must be one of {list(TRANSPORTS)}, got {self.sync_transport!r}")
         if not self.sync_bucket_mb > 0:
             raise ValueError(f"rollout.sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
         if self.max_model_len is not None and self.sampling.max_tokens >= self.max_model_len:

@@ -35,7 +35,7 @@ from megatron_eopd.rollout.engine import (
     WeightLoadReport,
     require_vllm,
 )
-from megatron_eopd.rollout.worker_extension import pack_bytes_bucket
+from megatron_eopd.rollout.transports import encoded_bucket
 
 WORKER_EXTENSION = "megatron_eopd.rollout.worker_extension.WeightSyncWorkerExtension"
 
@@ -154,13 +154,10 @@ def launch_environment(updates: dict[str, str]):
 class VLLMRolloutEngine(RolloutEngine):
     """A ``vllm.LLM`` serving the student, with weight updates through :data:`WORKER_EXTENSION`.
 
-    ``encode_bucket`` turns a list of (HF name, tensor) into the payload the worker extension
-    decodes; the default carries raw bytes through the RPC (works everywhere, CPU included).  A
-    CUDA-IPC or NCCL transport replaces this one attribute plus a decoder in ``worker_extension.DECODERS``.
+    Each bucket crosses into the workers by ``rollout.sync_transport`` (:mod:`~megatron_eopd.rollout.transports`).
     """
 
     name = "vllm"
-    encode_bucket = staticmethod(pack_bytes_bucket)
 
     def __init__(self, config: RolloutConfig, model_dir: Union[str, Path]):
         super().__init__(config, model_dir)
@@ -245,12 +242,14 @@ class VLLMRolloutEngine(RolloutEngine):
     def load_weights(self, named_tensors: NamedTensors) -> WeightLoadReport:
         start = time.perf_counter()
         bucket_limit = int(self.config.sync_bucket_mb * 1024 * 1024)
-        sent = {"tensors": 0, "bytes": 0, "buckets": 0}
+        sent = {"tensors": 0, "bytes": 0, "buckets": 0, "transport": None}
         bucket: list = []
         bucket_bytes = 0
 
         def flush() -> None:
-            self.llm.collective_rpc("eopd_load_weight_bucket", args=(self.encode_bucket(bucket),))
+            with encoded_bucket(self.config.sync_transport, bucket) as payload:
+                self.llm.collective_rpc("eopd_load_weight_bucket", args=(payload,))
+            sent["transport"] = payload["transport"]
             sent["tensors"] += len(bucket)
             sent["bytes"] += bucket_bytes
             sent["buckets"] += 1
@@ -276,6 +275,7 @@ class VLLMRolloutEngine(RolloutEngine):
             time.perf_counter() - start,
             list(not_updated),
             num_messages=sent["buckets"],
+            transport=sent["transport"],
         )
 
     def load_weights_from_dir(self, hf_dir: Union[str, Path]) -> WeightLoadReport:

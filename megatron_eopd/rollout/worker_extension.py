@@ -12,11 +12,9 @@ in buckets without ever being whole in one message:
 
 ``eopd_reload_from_dir(path)`` runs the same three steps over a HF directory's safetensors files.
 
-A payload is ``{"transport": name, ...}``; :data:`DECODERS` turns it back into (name, tensor) pairs.
-The ``"bytes"`` transport carries raw tensor bytes inside the RPC message, which is what works on
-CPU (vLLM's RPC pickles arguments and cannot pickle tensors' memoryviews).  A GPU transport (CUDA IPC
-handles, or an NCCL broadcast from the trainer) registers its own decoder here and its own encoder on
-the trainer side; callers of the engine do not change.
+A payload is ``{"transport": name, ...}`` from :mod:`megatron_eopd.rollout.transports` (raw bytes in
+the message, or a CUDA-IPC / shared-memory handle); :func:`~megatron_eopd.rollout.transports.decode_bucket`
+turns it back into (name, tensor) pairs.
 
 Keep this module light: it is imported by every vLLM worker process.
 """
@@ -29,33 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-BYTES_TRANSPORT = "bytes"
-
-
-def pack_bytes_bucket(named_tensors: list[tuple[str, torch.Tensor]]) -> dict:
-    """Trainer side of the ``"bytes"`` transport: (name, dtype, shape, raw bytes) per tensor."""
-    items = []
-    for name, tensor in named_tensors:
-        t = tensor.detach().to("cpu").contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        items.append((name, str(t.dtype).replace("torch.", ""), list(t.shape), raw))
-    return {"transport": BYTES_TRANSPORT, "items": items}
-
-
-def _decode_bytes(payload: dict, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, dtype_name, shape, raw in payload["items"]:
-        dtype = getattr(torch, dtype_name)
-        if raw:
-            flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)
-        else:
-            flat = torch.empty(0, dtype=dtype)
-        yield name, flat.reshape(shape).to(device)
-
-
-DECODERS: dict[str, Callable[[dict, torch.device], Iterator[tuple[str, torch.Tensor]]]] = {
-    BYTES_TRANSPORT: _decode_bytes,
-}
-
+from megatron_eopd.rollout.transports import decode_bucket
 
 def _layerwise_reload_api():
     """vLLM's layer-wise reload hooks (vLLM >= 0.1x with in-place reload), or None on older releases."""
@@ -153,11 +125,8 @@ class WeightSyncWorkerExtension:
 
         if not hasattr(self, "_eopd_loaded"):
             raise RuntimeError("eopd_load_weight_bucket called outside eopd_begin/finish_weight_update")
-        transport = payload.get("transport")
-        if transport not in DECODERS:
-            raise ValueError(f"unknown weight transport {transport!r}; known: {sorted(DECODERS)}")
         model = self._eopd_model()
-        pairs = list(DECODERS[transport](payload, self._eopd_device))
+        pairs = list(decode_bucket(payload, self._eopd_device))
         with set_current_vllm_config(self.vllm_config):
             loaded = model.load_weights(iter(pairs))
         if loaded:
