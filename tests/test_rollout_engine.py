@@ -332,6 +332,50 @@ def test_launch_environment_is_restored_after_a_failed_start(monkeypatch):
     assert os.environ["EOPD_TEST_KEPT"] == "before" and "EOPD_TEST_NEW" not in os.environ
 
 
+class _SleepRecordingLLM:
+    """Only vllm.LLM's sleep-mode surface, recording call order: vLLM's sleep mode needs a GPU, and the
+    lent GPU image has no vLLM.  It refuses what the real one cannot do (use while asleep)."""
+
+    def __init__(self):
+        self.calls, self.asleep = [], False
+
+    def sleep(self, level):
+        assert level == 1 and not self.asleep
+        self.asleep = True
+        self.calls.append("sleep")
+
+    def wake_up(self):
+        assert self.asleep, "woke an engine that was awake"
+        self.asleep = False
+        self.calls.append("wake_up")
+
+    def collective_rpc(self, method, args=()):
+        assert not self.asleep, f"{method} on a sleeping engine"
+        self.calls.append(method)
+        return [[]] if method == "eopd_finish_weight_update" else [0]
+
+    def reset_prefix_cache(self):
+        assert not self.asleep
+
+
+def test_a_sleeping_vllm_engine_wakes_before_its_weights_are_written():
+    """Syncs follow the training phases, during which the engines sleep: the update must not go into a
+    sleeping engine (unmapped weights; waking later would restore the old ones).  Sleep and wake are idempotent."""
+    from megatron_eopd.rollout.vllm_engine import VLLMRolloutEngine
+
+    engine = object.__new__(VLLMRolloutEngine)
+    engine.config, engine.llm, engine.sleep_mode, engine.asleep = RolloutConfig(), _SleepRecordingLLM(), True, False
+    engine.sleep()
+    engine.sleep()
+    report = engine.load_weights([("model.norm.weight", torch.ones(4))])
+    assert report.num_tensors == 1 and not engine.asleep
+    engine.wake_up()
+    engine.sleep()
+    engine.parameter_checksum()
+    assert engine.llm.calls == ["sleep", "wake_up", "eopd_begin_weight_update", "eopd_load_weight_bucket",
+                                "eopd_finish_weight_update", "sleep", "wake_up", "eopd_parameter_checksum"]
+
+
 @pytest.mark.vllm
 def test_reload_fallback_warning_is_dropped_only_while_an_update_finishes(caplog):
     """The worker extension names vLLM's logger and message exactly, drops that one message inside its

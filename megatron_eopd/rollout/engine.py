@@ -315,7 +315,7 @@ class RolloutEngine(abc.ABC):
         """Free device memory between rollout phases (no-op where the engine cannot sleep)."""
 
     def wake_up(self) -> None:
-        """Undo :meth:`sleep` before generating or receiving weights."""
+        """Undo :meth:`sleep` (idempotent).  Generating, scoring and loading weights wake the engine themselves."""
 
     def close(self) -> None:
         """Release the engine (processes, memory).  Safe to call twice."""

@@ -176,6 +176,7 @@ class VLLMRolloutEngine(RolloutEngine):
             engine_args["max_model_len"] = config.max_model_len
         engine_args.update(platform_engine_defaults(config))
         self.sleep_mode = bool(engine_args.get("enable_sleep_mode", False))
+        self.asleep = False
         self.engine_args = engine_args
         self.environment = platform_engine_environment(config)
         before = _child_pids()
@@ -208,6 +209,7 @@ class VLLMRolloutEngine(RolloutEngine):
         show_progress: Optional[bool] = None,
     ) -> RolloutBatch:
         sampling = self._sampling(sampling)
+        self.wake_up()
         inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
         params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
         outputs = self.llm.generate(inputs, params, use_tqdm=self._show_progress(show_progress))
@@ -223,6 +225,7 @@ class VLLMRolloutEngine(RolloutEngine):
         return RolloutBatch(results)
 
     def score(self, sequences: Prompts) -> list[torch.Tensor]:
+        self.wake_up()
         params = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         inputs = [{"prompt_token_ids": [int(t) for t in s]} for s in sequences]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
@@ -241,6 +244,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def load_weights(self, named_tensors: NamedTensors) -> WeightLoadReport:
         start = time.perf_counter()
+        self.wake_up()
         bucket_limit = int(self.config.sync_bucket_mb * 1024 * 1024)
         sent = {"tensors": 0, "bytes": 0, "buckets": 0, "transport": None}
         bucket: list = []
@@ -284,6 +288,7 @@ class VLLMRolloutEngine(RolloutEngine):
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
         start = time.perf_counter()
+        self.wake_up()
         not_updated = self.llm.collective_rpc("eopd_reload_from_dir", args=(str(hf_dir),))[0]
         self.llm.reset_prefix_cache()
         num_bytes = sum(f.stat().st_size for f in files)
@@ -297,15 +302,22 @@ class VLLMRolloutEngine(RolloutEngine):
         return int(self.llm.llm_engine.vllm_config.cache_config.block_size)
 
     def sleep(self) -> None:
-        if self.sleep_mode:
-            self.llm.sleep(level=1)  # weights to host memory, KV cache freed
+        """Weights to host memory, KV cache freed (GPU sleep mode); the next use of the engine wakes it."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
     def wake_up(self) -> None:
-        if self.sleep_mode:
+        # Every method that reads or writes the engine's weights or KV cache calls this first: a
+        # weight update into a sleeping engine would write unmapped memory, and waking it later
+        # would bring back the old weights from their host copy.
+        if self.asleep:
             self.llm.wake_up()
+            self.asleep = False
 
     def parameter_checksum(self) -> float:
         """Sum of the engine's parameters (tests use it to see that an update landed)."""
+        self.wake_up()
         return self.llm.collective_rpc("eopd_parameter_checksum")[0]
 
     def close(self) -> None:
