@@ -64,7 +64,7 @@ BENCH_MODEL_ARGS ?=
 GPU_TESTS ?= tests/test_gpu_path_rules.py tests/test_multirank_harness.py tests/test_platform.py \
 	tests/test_config.py tests/test_qwen3_architecture.py tests/test_convert_tools.py tests/test_qwen3_multirank.py \
 	tests/test_objective_units.py tests/test_objective_reference.py tests/test_examples.py tests/test_bench_loss.py \
-	tests/test_triton_kernels.py tests/test_bench_model.py tests/test_activation_recompute.py
+	tests/test_triton_kernels.py tests/test_bench_model.py tests/test_activation_recompute.py tests/test_weight_transports.py
 test-gpu:
 	$(GPU_PYTHON) -c "import sys, torch; assert sys.version_info >= (3, 12), sys.version; \
 		assert torch.cuda.is_available(), 'test-gpu needs a CUDA device'; print('torch', torch.__version__)"
