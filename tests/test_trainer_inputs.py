@@ -251,6 +251,10 @@ def test_dry_run_of_paper_presets_without_weights(preset, cli_runs):
         "micro_batches_per_step": micro_batches}
     assert dp * config.train.micro_batch_size * micro_batches == config.train.mini_batch_size
     assert "counted when the data loads" in layout["iterations"]
+    engine_tp = config.rollout.tensor_parallel_size
+    assert layout["rollout_engine_gpus"] == [",".join(str(g) for g in range(first, first + engine_tp))
+                                             for first in range(0, 8, 8 // config.rollout.engines_per_node)]
+    assert len(layout["rollout_engine_gpus"]) * nodes == engines
 
     memory = layout["expected_memory_per_gpu_gib"]
     assert memory == estimate_memory_gib(config, QWEN3_PRESETS[arch], QWEN3_PRESETS["Qwen3-8B"], tp, 1, dp)

@@ -267,6 +267,7 @@ class Layout:
     data_parallel: int
     nodes: int
     rollout_engines: int
+    rollout_engine_gpus: list[str]  # each engine's local GPU indices ("2,3"), the same on every node
     responses_per_iteration: int
     optimizer_steps_per_iteration: int
     micro_batches_per_step: int
@@ -331,17 +332,20 @@ def plan_layout(config: EOPDTrainConfig, world_size: int, *, num_prompts: Option
             f"{iterations * (responses // train.mini_batch_size)} optimizer steps (iterations x mini-batches)"
         )
     nodes = max(1, math.ceil(world_size / config.parallel.gpus_per_node))
-    engines = 0
+    engines, engine_gpus = 0, []
     if config.train.mode == "eopd":
         # The fleet's own placement (inside a torchrun launch its LOCAL_WORLD_SIZE wins over
         # parallel.gpus_per_node, as there), so a layout the engines cannot take fails here and not
         # after the models are built.
         ranks_per_node = launch_ranks_per_node(world_size, config.parallel.gpus_per_node)
+        engine_tp = config.rollout.tensor_parallel_size
         try:
-            engines = len(engine_host_ranks(world_size, ranks_per_node, config.rollout.engines_per_node,
-                                            config.rollout.tensor_parallel_size))
+            hosts = engine_host_ranks(world_size, ranks_per_node, config.rollout.engines_per_node, engine_tp)
         except ValueError as exc:
             raise ConfigError(f"rollout engines at world size {world_size}: {exc}") from exc
+        engines = len(hosts)
+        # An engine takes its host rank's GPU and the TP - 1 after it (rollout/vllm_engine.py).
+        engine_gpus = [",".join(str(g) for g in range(host, host + engine_tp)) for host in hosts if host < ranks_per_node]
     return Layout(
         world_size=world_size,
         tensor_parallel=tp,
@@ -349,6 +353,7 @@ def plan_layout(config: EOPDTrainConfig, world_size: int, *, num_prompts: Option
         data_parallel=dp,
         nodes=nodes,
         rollout_engines=engines,
+        rollout_engine_gpus=engine_gpus,
         responses_per_iteration=responses,
         optimizer_steps_per_iteration=responses // train.mini_batch_size,
         micro_batches_per_step=train.mini_batch_size // (dp * train.micro_batch_size),
