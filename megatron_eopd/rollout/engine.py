@@ -215,7 +215,7 @@ class RolloutConfig:
     weight_sync: Literal["memory", "disk"] = "memory"
     sync_dir: Optional[str] = None
     sync_bucket_mb: float = 512.0
-    sync_transport: Literal["auto", "bytes", "ipc"] = "auto"
+    sync_transport: Literal[TRANSPORTS] = "auto"
     hf_device: str = "cpu"
     show_progress: bool = True
     engines_per_node: int = 1

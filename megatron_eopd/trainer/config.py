@@ -16,7 +16,7 @@ from typing import Iterable, Literal, Optional
 
 from megatron_eopd.config import ConfigError, build_config
 from megatron_eopd.models.qwen3 import QWEN3_PRESETS, Qwen3Arch, padded_vocab_size, parse_hf_config, validate_parallelism
-from megatron_eopd.models.qwen3.model import RECOMPUTE_FULL
+from megatron_eopd.models.qwen3.model import RECOMPUTE_FULL, RECOMPUTE_MODES
 from megatron_eopd.objective import EOPDLossConfig
 from megatron_eopd.objective.fused_head import DEFAULT_BLOCK_ELEMENTS
 from megatron_eopd.platform import launch_ranks_per_node
@@ -119,7 +119,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     sft_end_token: str = "<|im_end|>"
     fused_output_layer: bool = True
-    recompute: Literal["none", "full"] = "none"
+    recompute: Literal[RECOMPUTE_MODES] = "none"  # the tuple of modes is the literal's values
 
     def __post_init__(self):
         for name in ("epochs", "prompts_per_iteration", "mini_batch_size", "micro_batch_size"):
