@@ -142,3 +142,13 @@ def test_a_cuda_bucket_crosses_by_cuda_ipc_to_a_process_that_numbers_the_gpu_dif
         pairs = _decode_in_another_process(payload, "cuda:0", visible=f"GPU-{gpu_uuid}")
     for (name, got), (_, sent) in zip(pairs, bucket):
         assert _same(got, sent), name
+
+
+def test_a_cuda_handle_for_a_gpu_this_process_cannot_see_is_named(monkeypatch):
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # the engine sees no GPU (or none of the trainer's)
+    payload = {"transport": "ipc", "cuda": pickle.dumps((rebuild_cuda_tensor, (None,) * 15)),
+               "device_uuid": "5a1e-not-here", "size": 256, "items": [("w", "float32", [4], 0)]}
+    with pytest.raises(TransportError, match="trainer's GPU 5a1e-not-here is not visible to this engine process"):
+        list(decode_bucket(payload, torch.device("cpu")))

@@ -203,7 +203,14 @@ def _open_cuda_buffer(payload: dict) -> torch.Tensor:
         _STORAGE_DEVICE_ARG = list(inspect.signature(rebuild).parameters).index("storage_device")
     args = list(args)
     args[_STORAGE_DEVICE_ARG] = _local_cuda_index(payload["device_uuid"])
-    return rebuild(*args)
+    try:
+        return rebuild(*args)
+    except RuntimeError as exc:
+        raise TransportError(
+            f"this engine process could not open the trainer's CUDA IPC buffer ({exc}); the engine and the "
+            f"trainer must share a node and an IPC namespace (containers: --ipc=host), or set "
+            f"rollout.sync_transport=bytes"
+        ) from exc
 
 
 def _decode_ipc(payload: dict, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
