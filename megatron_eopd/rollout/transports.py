@@ -29,7 +29,7 @@ import os
 import pickle
 import tempfile
 import uuid
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -184,9 +184,6 @@ def _encoded_ipc(named_tensors: NamedTensorList) -> Iterator[dict]:
             os.unlink(path)  # the worker's mapping, if any, outlives the name
 
 
-_STORAGE_DEVICE_ARG: Optional[int] = None
-
-
 def _local_cuda_index(device_uuid: str) -> int:
     """This process's index of the GPU with ``device_uuid`` (its CUDA_VISIBLE_DEVICES may differ from the trainer's)."""
     for index in range(torch.cuda.device_count()):
@@ -197,12 +194,10 @@ def _local_cuda_index(device_uuid: str) -> int:
 
 
 def _open_cuda_buffer(payload: dict) -> torch.Tensor:
-    global _STORAGE_DEVICE_ARG
     rebuild, args = pickle.loads(payload["cuda"])
-    if _STORAGE_DEVICE_ARG is None:
-        _STORAGE_DEVICE_ARG = list(inspect.signature(rebuild).parameters).index("storage_device")
+    # torch's handle names the trainer's device index; this process may number that GPU differently.
     args = list(args)
-    args[_STORAGE_DEVICE_ARG] = _local_cuda_index(payload["device_uuid"])
+    args[list(inspect.signature(rebuild).parameters).index("storage_device")] = _local_cuda_index(payload["device_uuid"])
     try:
         return rebuild(*args)
     except RuntimeError as exc:
