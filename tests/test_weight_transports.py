@@ -139,7 +139,8 @@ def test_a_cuda_bucket_crosses_by_cuda_ipc_to_a_process_that_numbers_the_gpu_dif
     gpu_uuid = str(torch.cuda.get_device_properties(device).uuid)
     with encoded_bucket("auto", bucket) as payload:
         assert payload["transport"] == "ipc" and "cuda" in payload
-        pairs = _decode_in_another_process(payload, "cuda:0", visible=f"GPU-{gpu_uuid}")
+        visible = gpu_uuid if gpu_uuid.startswith("GPU-") else f"GPU-{gpu_uuid}"  # CUDA_VISIBLE_DEVICES' UUID form
+        pairs = _decode_in_another_process(payload, "cuda:0", visible=visible)
     for (name, got), (_, sent) in zip(pairs, bucket):
         assert _same(got, sent), name
 
