@@ -33,6 +33,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from megatron_eopd.errors import EOPDError
+
 BYTES = "bytes"
 IPC = "ipc"
 AUTO = "auto"
@@ -45,7 +47,7 @@ SHM_HEADROOM_BYTES = 64 * 1024 * 1024
 NamedTensorList = Sequence[tuple[str, torch.Tensor]]
 
 
-class TransportError(RuntimeError):
+class TransportError(EOPDError, RuntimeError):
     """A bucket cannot be shared the requested way (named in the message)."""
 
 
