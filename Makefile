@@ -54,17 +54,19 @@ test-mcore-latest:
 # A CUDA machine with Python 3.12 and torch preinstalled and no network (the lent H100/H200 image):
 # megatron-core from the wheel directory $(WHEELS) and the project, both --no-deps into $(GPU_SITE)
 # (torch untouched), then the suites that apply (not vLLM/ModelOpt) on NCCL with one rank per GPU,
-# and the loss (torch and Triton kernels) and model benchmarks on CUDA.
+# and the loss (torch and Triton kernels), model and weight-transport benchmarks on CUDA.
 WHEELS ?= .whl
 GPU_PYTHON ?= python3
 GPU_SITE ?= /tmp/eopd-gpu-site
 # e.g. BENCH_MODEL_ARGS="--models 0.6b --seq 4096" to fit a short device lease
 BENCH_LOSS_ARGS ?= --tokens 8192,16384,32768,65536
 BENCH_MODEL_ARGS ?=
+BENCH_TRANSPORT_ARGS ?= --models 0.6b,4b --repeats 2
 GPU_TESTS ?= tests/test_gpu_path_rules.py tests/test_multirank_harness.py tests/test_platform.py \
 	tests/test_config.py tests/test_qwen3_architecture.py tests/test_convert_tools.py tests/test_qwen3_multirank.py \
 	tests/test_objective_units.py tests/test_objective_reference.py tests/test_examples.py tests/test_bench_loss.py \
-	tests/test_triton_kernels.py tests/test_bench_model.py tests/test_activation_recompute.py tests/test_weight_transports.py
+	tests/test_triton_kernels.py tests/test_bench_model.py tests/test_activation_recompute.py tests/test_weight_transports.py \
+	tests/test_bench_weight_transport.py
 test-gpu:
 	$(GPU_PYTHON) -c "import sys, torch; assert sys.version_info >= (3, 12), sys.version; \
 		assert torch.cuda.is_available(), 'test-gpu needs a CUDA device'; print('torch', torch.__version__)"
@@ -74,6 +76,7 @@ test-gpu:
 		$(GPU_PYTHON) -m pytest $(GPU_TESTS) -k "not modelopt" $(PYTEST_ARGS)
 	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_loss.py --device cuda $(BENCH_LOSS_ARGS) --kernels torch,triton
 	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_model.py --device cuda $(BENCH_MODEL_ARGS)
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_weight_transport.py --device cuda $(BENCH_TRANSPORT_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache
