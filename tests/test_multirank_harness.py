@@ -44,3 +44,22 @@ def test_layouts_that_do_not_fit_are_skipped_not_launched(tmp_path):
     plans = list((tmp_path / "bt").glob("multirank[0-9]*/plan.json"))
     assert len(plans) == 1, plans
     assert [s["check_id"] for s in json.loads(plans[0].read_text())] == ["test_inner::test_world_sum[tp1-pp1]"]
+
+
+def test_cpu_ranks_see_no_gpu_and_cuda_ranks_keep_theirs():
+    from megatron_eopd.testing.multirank import launch_environment
+
+    parent = {"CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "4", "PATH": "/bin"}
+    cpu = launch_environment(parent, "cpu")
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "4" and cpu["PYTHONUNBUFFERED"] == "1"
+    assert launch_environment(parent, "cuda")["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert launch_environment({}, "cpu")["OMP_NUM_THREADS"] == "1"
+    assert parent["CUDA_VISIBLE_DEVICES"] == "0,1"  # the caller's mapping is not changed
+
+
+def test_the_cpu_layer_beside_visible_gpus_names_the_way_out():
+    code = ("import torch; torch.cuda.is_available = lambda: True\n"
+            "from megatron_eopd.platform import cpu_compat; cpu_compat.enable()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "run.device=cpu" in proc.stderr and "CUDA_VISIBLE_DEVICES=" in proc.stderr, proc.stderr[-2000:]

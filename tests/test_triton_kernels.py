@@ -43,7 +43,9 @@ GRAD_TOL = {torch.float32: dict(rtol=2e-5, atol=1e-7), torch.bfloat16: dict(rtol
 @pytest.mark.skipif(INTERPRETED, reason="this session is the interpreter run")
 def test_parent_reruns_this_file_under_the_interpreter():
     """This file's tests in a fresh interpreter session (about 40 s on 2 cores)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", EOPD_MULTIRANK_WORLD_SIZE="2", EOPD_MULTIRANK_DEVICE="cpu")
+    # A CPU session by design, on a GPU machine too (make test-gpu): the CPU layer refuses visible GPUs.
+    env = dict(os.environ, TRITON_INTERPRET="1", EOPD_MULTIRANK_WORLD_SIZE="2", EOPD_MULTIRANK_DEVICE="cpu",
+               CUDA_VISIBLE_DEVICES="")
     env.pop(vp.KERNELS_ENV, None)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "not test_parent_"],

@@ -109,8 +109,9 @@ def enable() -> None:
             return
         if torch.cuda.is_available():
             raise RuntimeError(
-                "cpu_compat.enable() was called on a machine with CUDA; the CPU compatibility "
-                "layer must never be active on the GPU path"
+                "the CPU device was asked for (run.device=cpu) in a process that can use CUDA; the CPU "
+                "compatibility layer must never be active beside the GPU path. Hide the GPUs for this run "
+                "(CUDA_VISIBLE_DEVICES= with an empty value) or use run.device=auto"
             )
         cuda = torch.cuda
         cuda.current_device = lambda: 0  # rewritten to "cpu" by CudaToCpuMode where used as a device

@@ -28,6 +28,17 @@ COLLECTIVE_TIMEOUT_S = float(os.environ.get("EOPD_MULTIRANK_COLLECTIVE_TIMEOUT_S
 DEVICE = os.environ.get("EOPD_MULTIRANK_DEVICE", "cpu")
 
 
+def launch_environment(environ, device: str) -> dict:
+    """The ranks' environment: one thread each unless set, unbuffered output, and for CPU ranks no
+    visible GPU (the CPU compatibility layer refuses to run in a process that can use CUDA)."""
+    env = dict(environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckSpec:
     check_id: str
@@ -168,9 +179,7 @@ class MultirankResults:
             "--out",
             str(self.workdir),
         ]
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env["PYTHONUNBUFFERED"] = "1"
+        env = launch_environment(os.environ, DEVICE)
         try:
             proc = subprocess.run(
                 cmd,
