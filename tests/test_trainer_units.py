@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_eopd.trainer.batch import Sample, move_response_values, pack, step_batches
+from megatron_eopd.trainer.batch import ResponsePlacement, Sample, pack, step_batches
 from megatron_eopd.trainer.rollouts import engine_host_ranks, shard_bounds
 
 PAD = 0
@@ -77,7 +77,7 @@ def test_pack_default_shape_and_overflow():
         pack([[1], [2]], [[3], [4]], pad_id=PAD, rows=1)
 
 
-# --------------------------------------------------------------------------- batch.py: move_response_values
+# --------------------------------------------------------------------------- batch.py: ResponsePlacement
 
 
 def _reference_move(values, source_mask, target_mask):
@@ -106,14 +106,14 @@ def _two_views(seed=0, n=5):
 
 
 @pytest.mark.parametrize("trailing", [(), (3,)])
-def test_move_response_values_student_to_teacher_and_back(trailing):
+def test_response_placement_student_to_teacher_and_back(trailing):
     student_prompts, teacher_prompts, responses = _two_views()
     student = pack(student_prompts, responses, pad_id=PAD)
     teacher = pack(teacher_prompts, responses, pad_id=PAD)
     torch.manual_seed(0)
     values = torch.randn(tuple(student.mask.shape) + trailing)
 
-    moved = move_response_values(values, student.mask, teacher.mask)
+    moved = ResponsePlacement.between(student.mask, teacher.mask).move(values)
     assert torch.equal(moved, _reference_move(values, student.mask.tolist(), teacher.mask.tolist()))
     # Semantics: response token t of sample i sits at P_i - 1 + t in either view.
     for i, response in enumerate(responses):
@@ -121,16 +121,16 @@ def test_move_response_values_student_to_teacher_and_back(trailing):
             assert torch.equal(moved[i, len(teacher_prompts[i]) - 1 + t], values[i, len(student_prompts[i]) - 1 + t])
     assert not moved[~teacher.mask].any()
 
-    back = move_response_values(moved, teacher.mask, student.mask)
+    back = ResponsePlacement.between(teacher.mask, student.mask).move(moved)
     assert torch.equal(back[student.mask], values[student.mask])
     assert not back[~student.mask].any()
 
 
-def test_move_response_values_refuses_different_counts():
+def test_response_placement_refuses_different_counts():
     a = torch.tensor([[True, True, False]])
     b = torch.tensor([[True, False, False]])
     with pytest.raises(ValueError, match="2 response positions in the source view, 1 in the target"):
-        move_response_values(torch.ones(1, 3), a, b)
+        ResponsePlacement.between(a, b)
 
 
 # --------------------------------------------------------------------------- batch.py: step_batches
@@ -471,3 +471,18 @@ def test_two_engines_split_and_gather_like_one(task_student, tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "fleet-worker":
     _fleet_worker(sys.argv[2], sys.argv[3])
+
+
+def test_non_finite_gradients_are_seen_in_main_grad_or_grad():
+    from megatron_eopd.trainer.student import _non_finite_gradients
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    assert not _non_finite_gradients([model])  # no gradient yet
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert not _non_finite_gradients([model])
+    model[1].bias.grad[0] = float("nan")
+    assert _non_finite_gradients([model])
+    model[1].bias.grad[0] = 0.0
+    model[0].weight.main_grad = torch.full_like(model[0].weight, float("inf"))  # Megatron's fp32 buffer wins
+    assert _non_finite_gradients([model])

@@ -101,12 +101,13 @@ class HFRolloutEngine(RolloutEngine):
                 choice = torch.multinomial(processed.exp(), 1, generator=generator).squeeze(-1)
                 reported = processed if self.config.logprobs_mode == "processed" else raw
             picked = reported.gather(-1, choice[:, None]).squeeze(-1)
+            chosen, chosen_logprobs = choice.tolist(), picked.tolist()  # one host copy per step, not per row
             for row in range(n):
                 if finished[row]:
                     continue
-                tok = int(choice[row])
+                tok = chosen[row]
                 tokens[row].append(tok)
-                logprobs[row].append(float(picked[row]))
+                logprobs[row].append(chosen_logprobs[row])
                 finished[row] = tok in stop
             if all(finished):
                 break

@@ -7,7 +7,7 @@ token, so a response of R tokens after a prompt of P tokens covers positions ``P
 The student and the teacher read the same response behind their own prompts (the teacher's may
 carry Qwen3's empty think block) and the teacher sees its end-of-turn token where the student wrote
 ``<|endoftext|>``.  Both views have the same response tokens in the same order, so a per-response-
-token quantity moves between them as the masked entries in row-major order (:func:`move_response_values`).
+token quantity moves between them as the masked entries in row-major order (:class:`ResponsePlacement`).
 
 A mini-batch is dealt to the data-parallel ranks by sequence length (:func:`balance_over_ranks`),
 so every rank computes about the same number of tokens and none waits at the gradient all-reduce for
@@ -23,6 +23,7 @@ the padding behind it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -88,17 +89,34 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *
     return PackedView(tokens.to(device), labels.to(device), mask.to(device))
 
 
-def move_response_values(values: torch.Tensor, source_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Per-position ``values [N, S_src, ...]`` of one view placed at the other view's response positions.
+@dataclass(frozen=True)
+class ResponsePlacement:
+    """Where one view's response positions sit in another view, as flat indices into each mask.
 
-    Entries outside ``target_mask`` are zero.
+    Built once per pair of micro-batches (two host syncs, for the two ``nonzero``); :meth:`move`
+    then places any number of per-position quantities without another one, as GPU index kernels.
     """
-    picked = values[source_mask]
-    if picked.shape[0] != int(target_mask.sum()):
-        raise ValueError(f"{picked.shape[0]} response positions in the source view, {int(target_mask.sum())} in the target")
-    out = values.new_zeros(tuple(target_mask.shape) + tuple(values.shape[source_mask.dim():]))
-    out[target_mask] = picked
-    return out
+
+    source: torch.Tensor  # flat indices of the source mask's response positions, in row-major order
+    target: torch.Tensor
+    source_shape: tuple
+    target_shape: tuple
+
+    @classmethod
+    def between(cls, source_mask: torch.Tensor, target_mask: torch.Tensor) -> "ResponsePlacement":
+        source = source_mask.reshape(-1).nonzero().squeeze(1)
+        target = target_mask.reshape(-1).nonzero().squeeze(1)
+        if source.numel() != target.numel():
+            raise ValueError(f"{source.numel()} response positions in the source view, {target.numel()} in the target")
+        return cls(source, target, tuple(source_mask.shape), tuple(target_mask.shape))
+
+    def move(self, values: torch.Tensor) -> torch.Tensor:
+        """``values [*source_shape, ...]`` placed at the target's response positions; zero elsewhere."""
+        rest = tuple(values.shape[len(self.source_shape):])
+        flat = values.reshape((-1,) + rest)
+        out = flat.new_zeros((math.prod(self.target_shape),) + rest)
+        out.index_copy_(0, self.target, flat.index_select(0, self.source))
+        return out.reshape(self.target_shape + rest)
 
 
 @dataclass

@@ -128,13 +128,14 @@ def check_teacher_outputs(outputs: list[list[TeacherOutputs]], iteration: int) -
 
 
 def _non_finite_gradients(chunks: list) -> bool:
+    finite = []
     for chunk in chunks:
         for param in chunk.parameters():
             grad = getattr(param, "main_grad", None)
             grad = param.grad if grad is None else grad
-            if grad is not None and not bool(torch.isfinite(grad).all()):
-                return True
-    return False
+            if grad is not None:
+                finite.append(torch.isfinite(grad).all())
+    return bool(finite) and not bool(torch.stack(finite).all())  # one host sync, not one per parameter
 
 
 def optimizer_step(opt: Optimization, step: StepBatch, on_logits, *, iteration: int, step_index: int,

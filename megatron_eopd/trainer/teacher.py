@@ -23,7 +23,7 @@ from megatron_eopd.objective import (
     compute_teacher_stats,
     compute_teacher_stats_from_hidden,
 )
-from megatron_eopd.trainer.batch import StepBatch, move_response_values
+from megatron_eopd.trainer.batch import ResponsePlacement, StepBatch
 
 
 @dataclass
@@ -34,14 +34,11 @@ class TeacherOutputs:
     logits: Optional[torch.Tensor] = None  # [b * s, V/TP] in the student layout, when the loss needs them
 
 
-def _to_student_layout(stats: TeacherTokenStats, teacher_mb: MicroBatch, student_mb: MicroBatch) -> TeacherTokenStats:
-    source, target = teacher_mb.extras["mask"], student_mb.extras["mask"]
-    shape = tuple(source.shape)
-
+def _to_student_layout(stats: TeacherTokenStats, placement: ResponsePlacement) -> TeacherTokenStats:
     def move(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if x is None:
             return None
-        placed = move_response_values(x.reshape(shape + tuple(x.shape[1:])), source, target)
+        placed = placement.move(x.reshape(placement.source_shape + tuple(x.shape[1:])))
         return placed.reshape((-1,) + tuple(x.shape[1:]))
 
     return TeacherTokenStats(move(stats.entropy), move(stats.sampled_logprob), move(stats.topk_ids),
@@ -65,20 +62,17 @@ def score_teacher(teacher_chunks: Any, step: StepBatch, loss: EOPDLossConfig, *,
                   chunk_tokens=loss.chunk_tokens)
 
     def on_logits(output: Any, teacher_mb: MicroBatch) -> TeacherOutputs:
-        index = teacher_mb.extras["index"]
-        student_mb = step.student[index]
+        student_mb = step.student[teacher_mb.extras["index"]]
+        placement = ResponsePlacement.between(teacher_mb.extras["mask"], student_mb.extras["mask"])
         labels, mask = teacher_mb.extras["labels"].reshape(-1), teacher_mb.extras["mask"].reshape(-1)
         if isinstance(output, FinalHidden):
             stats = compute_teacher_stats_from_hidden(output.hidden, output.weight, labels, tp_group,
                                                       response_mask=mask, **common)
-            return TeacherOutputs(_to_student_layout(stats, teacher_mb, student_mb), None)
+            return TeacherOutputs(_to_student_layout(stats, placement), None)
         stats = compute_teacher_stats(output.reshape(-1, output.shape[-1]), labels, tp_group, response_mask=mask,
                                       **common)
-        kept = None
-        if loss.needs_teacher_logits:
-            vocab = output.shape[-1]
-            kept = move_response_values(output, teacher_mb.extras["mask"], student_mb.extras["mask"]).reshape(-1, vocab)
-        return TeacherOutputs(_to_student_layout(stats, teacher_mb, student_mb), kept)
+        kept = placement.move(output).reshape(-1, output.shape[-1]) if loss.needs_teacher_logits else None
+        return TeacherOutputs(_to_student_layout(stats, placement), kept)
 
     for index, mb in enumerate(step.teacher):
         mb.extras["index"] = index
