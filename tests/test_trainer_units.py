@@ -486,3 +486,31 @@ def test_non_finite_gradients_are_seen_in_main_grad_or_grad():
     model[1].bias.grad[0] = 0.0
     model[0].weight.main_grad = torch.full_like(model[0].weight, float("inf"))  # Megatron's fp32 buffer wins
     assert _non_finite_gradients([model])
+
+
+def test_the_fleet_returns_cached_gpu_memory_before_an_engine_starts_or_wakes(task_student, monkeypatch):
+    """The engines are other processes on the trainer's GPUs: what the allocator caches must go back first."""
+    from megatron_eopd.platform import distributed as platform_dist
+    from megatron_eopd.trainer import rollouts
+    from megatron_eopd.trainer.rollouts import RolloutFleet
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    platform_dist.release_cached_memory(torch.device("cpu"))
+    assert events == []  # nothing to return off CUDA
+    platform_dist.release_cached_memory(torch.device("cuda", 1))
+    assert events == ["empty_cache"]
+
+    events.clear()
+    monkeypatch.setattr(rollouts, "release_cached_memory", lambda device: events.append(("release", str(device))))
+    fleet = RolloutFleet(_fleet_config(engines_per_node=1), task_student, ranks_per_node=1, device="cpu")
+    try:
+        assert events == [("release", "cpu")]  # before the engine was created
+        engine = fleet.engine
+        monkeypatch.setattr(engine, "wake_up", lambda: events.append("wake_up"))
+        monkeypatch.setattr(fleet.syncer, "sync", lambda chunks: events.append("sync"))
+        fleet.wake_up()
+        fleet.sync([])
+        assert events[1:] == [("release", "cpu"), "wake_up", ("release", "cpu"), "sync"]
+    finally:
+        fleet.close()

@@ -10,6 +10,7 @@ from megatron_eopd.platform.distributed import (
     init_model_parallel,
     launch_ranks_per_node,
     launch_world_size,
+    release_cached_memory,
     resolve_device,
     shutdown,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "init_model_parallel",
     "launch_ranks_per_node",
     "launch_world_size",
+    "release_cached_memory",
     "resolve_device",
     "shutdown",
 ]

@@ -133,6 +133,19 @@ def default_device() -> torch.device:
     return resolve_device("auto")
 
 
+def release_cached_memory(device: torch.device) -> None:
+    """Give the caching allocator's free blocks on ``device`` back to the GPU (no-op off CUDA).
+
+    A rollout engine is another process: memory this process freed but still caches (the training
+    peak's activations, a checkpoint load's buffers) is not available to it until returned here.
+    """
+    if torch.device(device).type == "cuda":
+        import gc
+
+        gc.collect()  # tensors only reachable through reference cycles
+        torch.cuda.empty_cache()
+
+
 # Backends whose collectives take tensors on one device type only.
 _BACKEND_DEVICE_TYPES = {"nccl": "cuda", "gloo": "cpu", "mpi": "cpu"}
 

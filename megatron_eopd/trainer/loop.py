@@ -40,6 +40,7 @@ def train(config: EOPDTrainConfig, *, resume: bool = False) -> list[dict]:
                 teacher = phases.teacher_statistics(session, steps, iteration) if distill else None
             with timer("student"):
                 per_micro_batch, mismatch = phases.student_update(session, steps, teacher, iteration)
+            teacher = None  # its outputs (the teacher's logits, with loss.fkl_mode=full) go before the engines wake
             with timer("sync"):
                 if distill:
                     session.fleet.sync(session.student.chunks)

@@ -5,7 +5,8 @@ with vLLM's own tensor parallelism over the GPUs that follow it.  The iteration'
 into contiguous shards, one per engine; every engine samples its shard with the request seeds the
 prompts would have in one call (so results do not depend on the number of engines) and the results
 are gathered to every rank.  Every engine is synced and probed after each update; on GPUs the
-engines sleep while the models train.
+engines sleep while the models train, and before an engine starts or wakes every rank hands the
+memory its allocator caches back to the GPU (the engines are other processes on the same GPUs).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
-from megatron_eopd.platform import launch_ranks_per_node
+from megatron_eopd.platform import default_device, launch_ranks_per_node, release_cached_memory
 from megatron_eopd.rollout import RolloutConfig, RolloutEngine, RolloutResult, SamplingConfig, WeightSyncer
 from megatron_eopd.rollout import SyncReport, create_rollout_engine
 
@@ -52,12 +54,15 @@ def shard_bounds(num_prompts: int, num_shards: int) -> list[tuple[int, int]]:
 class RolloutFleet:
     """The run's engines; every method is called on every rank."""
 
-    def __init__(self, config: RolloutConfig, model_dir: Path, *, ranks_per_node: int):
+    def __init__(self, config: RolloutConfig, model_dir: Path, *, ranks_per_node: int,
+                 device: Optional[torch.device] = None):
+        self.device = torch.device(device) if device is not None else default_device()
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         ranks_per_node = launch_ranks_per_node(world, ranks_per_node)
         self.hosts = engine_host_ranks(world, ranks_per_node, config.engines_per_node, config.tensor_parallel_size)
         self.config = config
+        release_cached_memory(self.device)
         self.engine: Optional[RolloutEngine] = (
             create_rollout_engine(config, model_dir) if self.rank in self.hosts else None
         )
@@ -80,6 +85,7 @@ class RolloutFleet:
         return [result for host in self.hosts for result in everyone[host]]
 
     def sync(self, model_chunks) -> SyncReport:
+        release_cached_memory(self.device)  # the sync wakes the engines
         return self.syncer.sync(model_chunks)
 
     def sleep(self) -> None:
@@ -87,6 +93,7 @@ class RolloutFleet:
             self.engine.sleep()
 
     def wake_up(self) -> None:
+        release_cached_memory(self.device)
         if self.engine is not None:
             self.engine.wake_up()
 

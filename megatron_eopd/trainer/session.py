@@ -161,7 +161,8 @@ def open_session(config: EOPDTrainConfig, *, resume: bool = False) -> Session:
     if config.train.mode == "eopd":
         teacher = build_teacher(config.teacher, dtype)
         teacher_encode = prompt_encoder(load_tokenizer(config.teacher.hf_dir, "teacher"), config.teacher.prompt_style)
-        fleet = RolloutFleet(config.rollout, Path(config.student.hf_dir), ranks_per_node=config.parallel.gpus_per_node)
+        fleet = RolloutFleet(config.rollout, Path(config.student.hf_dir), ranks_per_node=config.parallel.gpus_per_node,
+                             device=platform.device)
     if dist.is_initialized():
         dist.barrier()
     return Session(
