@@ -47,13 +47,13 @@ def test_layouts_that_do_not_fit_are_skipped_not_launched(tmp_path):
 
 
 def test_cpu_ranks_see_no_gpu_and_cuda_ranks_keep_theirs():
-    from megatron_eopd.testing.multirank import launch_environment
+    from megatron_eopd.testing.multirank import rank_environment
 
     parent = {"CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "4", "PATH": "/bin"}
-    cpu = launch_environment(parent, "cpu")
+    cpu = rank_environment(parent, "cpu")
     assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "4" and cpu["PYTHONUNBUFFERED"] == "1"
-    assert launch_environment(parent, "cuda")["CUDA_VISIBLE_DEVICES"] == "0,1"
-    assert launch_environment({}, "cpu")["OMP_NUM_THREADS"] == "1"
+    assert rank_environment(parent, "cuda")["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert rank_environment({}, "cpu")["OMP_NUM_THREADS"] == "1"
     assert parent["CUDA_VISIBLE_DEVICES"] == "0,1"  # the caller's mapping is not changed
 
 

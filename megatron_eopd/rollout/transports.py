@@ -67,11 +67,12 @@ def _bucket_device(named_tensors: NamedTensorList) -> torch.device:
 @contextlib.contextmanager
 def encoded_bucket(transport: str, named_tensors: NamedTensorList) -> Iterator[dict]:
     """The RPC payload of one bucket, valid while the context is open."""
-    transport = resolve_transport(transport, _bucket_device(named_tensors), _layout(named_tensors)[1])
+    items, size = _layout(named_tensors)
+    transport = resolve_transport(transport, _bucket_device(named_tensors), size)
     if transport == BYTES:
         yield _encode_bytes(named_tensors)
     else:
-        with _encoded_ipc(named_tensors) as payload:
+        with _encoded_ipc(named_tensors, items, size) as payload:
             yield payload
 
 
@@ -149,11 +150,10 @@ def _shm_free_bytes() -> int:
 
 
 @contextlib.contextmanager
-def _encoded_ipc(named_tensors: NamedTensorList) -> Iterator[dict]:
+def _encoded_ipc(named_tensors: NamedTensorList, items, size: int) -> Iterator[dict]:
     device = _bucket_device(named_tensors)
     if any(t.device != device for _, t in named_tensors):
         raise TransportError(f"an IPC bucket must sit on one device; got {sorted({str(t.device) for _, t in named_tensors})}")
-    items, size = _layout(named_tensors)
     if device.type == "cuda":
         from torch.multiprocessing.reductions import reduce_tensor
 

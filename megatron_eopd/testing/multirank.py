@@ -28,7 +28,7 @@ COLLECTIVE_TIMEOUT_S = float(os.environ.get("EOPD_MULTIRANK_COLLECTIVE_TIMEOUT_S
 DEVICE = os.environ.get("EOPD_MULTIRANK_DEVICE", "cpu")
 
 
-def launch_environment(environ, device: str) -> dict:
+def rank_environment(environ, device: str) -> dict:
     """The ranks' environment: one thread each unless set, unbuffered output, and for CPU ranks no
     visible GPU (the CPU compatibility layer refuses to run in a process that can use CUDA)."""
     env = dict(environ)
@@ -179,7 +179,7 @@ class MultirankResults:
             "--out",
             str(self.workdir),
         ]
-        env = launch_environment(os.environ, DEVICE)
+        env = rank_environment(os.environ, DEVICE)
         try:
             proc = subprocess.run(
                 cmd,
