@@ -87,21 +87,47 @@ def _bf16_kernel_signatures():
     ]
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the interpreter session has no compiled kernels")
-def test_parent_compiles_the_kernels_for_hopper():
-    """What the interpreter cannot see (globals that are not constexpr, types, lowering): every
-    kernel compiles to a cubin for sm_90 with Triton's bundled ptxas, no GPU needed."""
+def _compile_for_hopper():
+    """(kernel name, cubin bytes) of every kernel compiled for sm_90 with Triton's bundled ptxas."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
     hopper = GPUTarget("cuda", 90, 32)
-    options = dict(num_warps=vp.triton_kernels.NUM_WARPS, enable_fp_fusion=True)
+    loss_options = vp.triton_kernels._launch_options()
+    rope_options = dict(num_warps=4, enable_fp_fusion=True)  # RoPE launches with Triton's default warps
+    cubins = []
     for kernel, types, constexprs in _bf16_kernel_signatures():
+        options = rope_options if "rope" in kernel.__name__ else loss_options
         signature = dict(types, **{name: "constexpr" for name in constexprs})
         constants = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
         compiled = compile(ASTSource(kernel, signature, constants), target=hopper, options=options)
-        assert compiled.asm["cubin"], kernel.__name__
+        cubins.append((kernel.__name__, compiled.asm["cubin"]))
+    return cubins
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter session has no compiled kernels")
+def test_parent_compiles_the_kernels_for_hopper(tmp_path):
+    """What the interpreter cannot see (globals that are not constexpr, types, lowering): every
+    kernel compiles to a cubin for sm_90 with Triton's bundled ptxas, no GPU needed.  And none
+    spills: a spilled register goes to local memory (a stack frame), which on these
+    bandwidth-bound kernels would add a memory round trip per tile (ptxas' resource usage, read
+    back from each cubin with the cuobjdump Triton ships)."""
+    import triton.backends.nvidia as nvidia_backend
+
+    cuobjdump = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
+    for name, cubin in _compile_for_hopper():
+        assert cubin, name
+        if not os.access(cuobjdump, os.X_OK):
+            continue  # a Triton without its CUDA tools: the compile alone is checked
+        path = tmp_path / f"{name}.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True,
+                               text=True, check=True).stdout
+        found = dict((key, int(value)) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+        assert set(found) == {"REG", "STACK", "LOCAL"}, usage
+        assert found["STACK"] == 0 and found["LOCAL"] == 0, f"{name} spills to local memory: {usage}"
+        assert found["REG"] <= 255, usage
 
 
 @contextlib.contextmanager
