@@ -59,30 +59,31 @@ def test_parent_reruns_this_file_under_the_interpreter():
 
 
 def _bf16_kernel_signatures():
-    """(kernel, argument types, constexprs) of each kernel, as the launchers call them on bf16 logits."""
+    """(kernel, argument types, constexprs, launch options) of each kernel, as the launchers call them on bf16."""
     from megatron_eopd.models import rope
 
     tk = vp.triton_kernels
     row = dict(logits_ptr="*bf16", stride_row="i64", stride_col="i32")
     shard = dict(vocab_start="i32", shard_size="i32", real_columns="i32", temperature="fp32")
     ids = dict(SCALED=True, BLOCK_V=tk.BLOCK_V, BLOCK_IDS=32)
+    options = tk._launch_options()
     return [
         (tk._softmax_partials_kernel,
          dict(row, rows_ptr="*i64", ids_ptr="*i64", stride_ids="i32", max_ptr="*fp32", sums_ptr="*fp32",
-              picked_ptr="*fp32", **shard, num_ids="i32"), ids),
+              picked_ptr="*fp32", **shard, num_ids="i32"), ids, options),
         (tk._softmax_backward_kernel,
          dict(row, grad_ptr="*bf16", stride_grad_row="i64", position_ptr="*i64", log_z_ptr="*fp32",
               alpha_ptr="*fp32", beta_ptr="*fp32", ids_ptr="*i64", stride_ids="i32", g_ids_ptr="*fp32",
-              **shard, num_ids="i32"), ids),
+              **shard, num_ids="i32"), ids, options),
         (tk._summary_partials_kernel,
          dict(row, rows_ptr="*i64", sampled_ptr="*i64", max_ptr="*fp32", sums_ptr="*fp32",
               sampled_logit_ptr="*fp32", top_values_ptr="*fp32", top_ids_ptr="*i64", **shard),
-         dict(SCALED=False, TOP_K=16, INSERT_LIMIT=tk.TOPK_INSERT_LIMIT, BLOCK_V=tk.TOPK_BLOCK_V)),
+         dict(SCALED=False, TOP_K=16, INSERT_LIMIT=tk.TOPK_INSERT_LIMIT, BLOCK_V=tk.TOPK_BLOCK_V), options),
     ] + [  # the fused RoPE on Qwen3's head_dim 128, both directions
         (rope._rope_kernel,
          dict(x_ptr="*bf16", f_ptr="*fp32", out_ptr="*bf16", stride_s="i32", stride_b="i32", stride_h="i32",
               batch="i32", heads="i32"),
-         dict(HALF=64, BLOCK_D=64, BLOCK_H=rope.BLOCK_HEADS, BACKWARD=backward))
+         dict(HALF=64, BLOCK_D=64, BLOCK_H=rope.BLOCK_HEADS, BACKWARD=backward), rope.LAUNCH_OPTIONS)
         for backward in (False, True)
     ]
 
@@ -94,11 +95,8 @@ def _compile_for_hopper():
     from triton.compiler import ASTSource, compile
 
     hopper = GPUTarget("cuda", 90, 32)
-    loss_options = vp.triton_kernels._launch_options()
-    rope_options = dict(num_warps=4, enable_fp_fusion=True)  # RoPE launches with Triton's default warps
     cubins = []
-    for kernel, types, constexprs in _bf16_kernel_signatures():
-        options = rope_options if "rope" in kernel.__name__ else loss_options
+    for kernel, types, constexprs, options in _bf16_kernel_signatures():
         signature = dict(types, **{name: "constexpr" for name in constexprs})
         constants = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
         compiled = compile(ASTSource(kernel, signature, constants), target=hopper, options=options)

@@ -36,6 +36,8 @@ from megatron_eopd.platform import mcore_compat
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_HEADS = 4
+# Explicit, as the loss kernels' (Triton 3.9 warns that the fp-fusion default will change); 4 warps is Triton's default.
+LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=True)
 
 
 def available(t: Tensor) -> bool:
@@ -82,7 +84,8 @@ def _rotate(x: Tensor, angles: Tensor, backward: bool) -> Tensor:
         half = dim // 2
         grid = (s * b, triton.cdiv(heads, BLOCK_HEADS))
         _rope_kernel[grid](x, angles, out, x.stride(0), x.stride(1), x.stride(2), b, heads,
-                           HALF=half, BLOCK_D=triton.next_power_of_2(half), BLOCK_H=BLOCK_HEADS, BACKWARD=backward)
+                           HALF=half, BLOCK_D=triton.next_power_of_2(half), BLOCK_H=BLOCK_HEADS, BACKWARD=backward,
+                           **LAUNCH_OPTIONS)
     return out
 
 
