@@ -136,10 +136,12 @@ def cli_runs(models, tmp_path_factory):
         where = tmp_path_factory.mktemp("bad_layout")
         jobs[f"layout: {name}"] = (["--config", "eopd_qwen3_0.6b", "--dry-run", *_fill(extra, models)], where,
                                    where / "runs")
-    for preset, (world, *_) in PRESETS.items():
+    for preset in PRESETS:
         where = tmp_path_factory.mktemp("dry_run")  # holds no checkpoints/: the presets' weights are absent
-        jobs[f"dry run: {preset}"] = (["--config", preset, "--dry-run", "--world-size", str(world)], where,
-                                      where / "runs")
+        # No --world-size: a dry run plans the preset's own nodes x GPUs.
+        jobs[f"dry run: {preset}"] = (["--config", preset, "--dry-run"], where, where / "runs")
+    where = tmp_path_factory.mktemp("tiny_dry_run")  # a fresh clone: make run has not prepared the models
+    jobs["dry run: tiny_cpu"] = (["--config", "tiny_cpu", "--dry-run"], where, where / "runs")
     where = tmp_path_factory.mktemp("real_run")
     jobs["real run: eopd_qwen3_0.6b"] = (["--config", "eopd_qwen3_0.6b"], where, where / "runs")
 
@@ -217,6 +219,13 @@ def test_dry_run_refuses_more_impossible_layouts(case, models, tmp_path, capsys,
 
 
 # --------------------------------------------------------------------------- dry runs of the paper presets
+
+
+def test_dry_run_of_tiny_preset_names_how_to_prepare_its_models(cli_runs):
+    proc, _, run_dir = cli_runs["dry run: tiny_cpu"]
+    _assert_one_line_error(proc, ["student.hf_dir='runs/tiny_cpu/assets/student_base' holds no config.json",
+                                  "tools/run_tiny.py --prepare-only", "make run"])
+    assert not run_dir.exists()
 
 
 def _qwen3_parameters(name):

@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the parallel layout for --world-size ranks, then exit")
     p.add_argument("--world-size", type=int, default=None,
-                   help="world size for --dry-run (default: $WORLD_SIZE or 1)")
+                   help="world size for --dry-run (default: $WORLD_SIZE, else the preset's "
+                   "parallel.nodes x parallel.gpus_per_node)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint in run.dir and continue from it")
     return p
 
@@ -51,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = load_train_config(args.config, args.overrides)
         if args.dry_run:
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", config.parallel.planned_world_size))
             layout = plan_layout(config, world)
             print("# resolved config")
             print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")

@@ -54,7 +54,10 @@ class ModelSpec:
             return parse_hf_config(self.hf_dir)
         if self.arch is not None:
             return QWEN3_PRESETS[self.arch]
-        raise ConfigError(f"{what}.hf_dir={self.hf_dir!r} holds no config.json and {what}.arch is not set")
+        raise ConfigError(
+            f"{what}.hf_dir={self.hf_dir!r} holds no config.json and {what}.arch is not set: point it at a "
+            f"Hugging Face Qwen3 directory, or name a preset architecture for a dry run ({what}.arch=Qwen3-1.7B); "
+            "the tiny_cpu preset's models are made by `python tools/run_tiny.py --prepare-only` (or `make run`)")
 
 
 @dataclass
@@ -64,10 +67,15 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     gpus_per_node: int = 8  # for engine placement and dry runs; torchrun's LOCAL_WORLD_SIZE wins when set
+    nodes: int = 1  # the nodes a preset is planned for: a dry run's default world; a launch's comes from torchrun
 
     def __post_init__(self):
-        if self.tensor < 1 or self.pipeline < 1 or self.gpus_per_node < 1:
+        if self.tensor < 1 or self.pipeline < 1 or self.gpus_per_node < 1 or self.nodes < 1:
             raise ValueError(f"parallel sizes must be >= 1, got {self}")
+
+    @property
+    def planned_world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
 
 
 @dataclass
