@@ -80,6 +80,25 @@ def fused_kernels_available() -> dict[str, bool]:
     }
 
 
+def describe_accelerators(device_type: str) -> str:
+    """One line saying which optional accelerators are absent and what runs instead on ``device_type``.
+
+    Megatron-Core warns about each absent one at every import site; this states it once.
+    """
+    triton = _imports("triton")
+    if have_transformer_engine():
+        parts = ["transformer-engine: layer spec, fused RoPE and norms"]
+    else:
+        parts = ["transformer-engine absent: Megatron-Core's local layer spec with torch SDPA attention"
+                 + (", this project's Triton RoPE" if device_type == "cuda" and triton else "")]
+    parts.append("apex: fused optimizer and norms" if _imports("apex") else "apex absent: torch RMSNorm and AdamW")
+    if device_type == "cuda":
+        parts.append("Triton: fused loss kernels" if triton else "Triton absent: the loss's torch path")
+    else:
+        parts.append("CPU: torch kernels throughout")
+    return "optional accelerators - " + "; ".join(parts)
+
+
 def _call_with_supported_kwargs(fn, **kwargs):
     accepted = inspect.signature(fn).parameters
     return fn(**{k: v for k, v in kwargs.items() if k in accepted})

@@ -44,6 +44,9 @@ def _bad_input_types():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_eopd import console
+
+    console.quiet_known_warnings()  # before Megatron-Core is imported: the session states them once
     from megatron_eopd.trainer.config import load_train_config, plan_layout
     from megatron_eopd.trainer.student import NonFiniteError
 

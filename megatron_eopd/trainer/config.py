@@ -173,8 +173,21 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """What a run reports as it goes: ``metrics.jsonl`` always; these add to it."""
+
     tensorboard: bool = True
-    progress: bool = True
+    progress: bool = True  # rank 0's progress bar and summary lines
+    # A summary line every N iterations and after the last; None: a tenth of the run; 0: none (the bar only).
+    summary_every: Optional[int] = None
+
+    def __post_init__(self):
+        if self.summary_every is not None and self.summary_every < 0:
+            raise ValueError(f"logging.summary_every must be >= 0 (or null for a tenth of the run), "
+                             f"got {self.summary_every}")
+
+    def summary_interval(self, iterations: int) -> int:
+        """Iterations between summary lines (0: no summary lines)."""
+        return max(1, iterations // 10) if self.summary_every is None else self.summary_every
 
 
 @dataclass

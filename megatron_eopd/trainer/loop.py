@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import time
 
-from tqdm import tqdm
-
+from megatron_eopd import console
 from megatron_eopd.trainer import phases
 from megatron_eopd.trainer.config import EOPDTrainConfig
 from megatron_eopd.trainer.metrics import peak_memory_bytes, reduce_step_metrics, summary_line
@@ -25,8 +24,10 @@ def train(config: EOPDTrainConfig, *, resume: bool = False) -> list[dict]:
     session = open_session(config, resume=resume)
     history: list[dict] = []
     distill = config.train.mode == "eopd"
-    bar = tqdm(total=session.iterations, initial=session.state.iteration, desc=f"{config.train.mode} iterations",
-               unit="it", disable=not (config.logging.progress and session.platform.rank == 0))
+    bar = console.progress(total=session.iterations, initial=session.state.iteration, unit="it",
+                           desc=f"{config.train.mode} iterations",
+                           disable=not (config.logging.progress and session.platform.rank == 0))
+    every = config.logging.summary_interval(session.iterations)
     try:
         if distill:
             session.fleet.sync(session.student.chunks)  # the engines serve exactly the (resumed) student
@@ -58,8 +59,8 @@ def train(config: EOPDTrainConfig, *, resume: bool = False) -> list[dict]:
             session.log.write(record)
             history.append(record)
             bar.update(1)
-            if not bar.disable:
-                bar.write(summary_line(record))
+            if not bar.disable and every and (iteration % every == 0 or iteration == session.iterations):
+                console.say(summary_line(record))
             if iteration % config.checkpoint.save_interval == 0 or iteration == session.iterations:
                 save_checkpoint(session.checkpoint_dir, session.student,
                                 RunState(iteration, session.stream.state_dict()), config=session.config_dict,

@@ -17,10 +17,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_eopd import console
 from megatron_eopd.config import ConfigError, to_dict
 from megatron_eopd.data import PromptRecord, PromptStream, load_prompt_records, qwen3_templates
 from megatron_eopd.models.qwen3 import check_teacher_student_compatible
 from megatron_eopd.platform import Platform, init_distributed, init_model_parallel, launch_world_size
+from megatron_eopd.platform.mcore_compat import describe_accelerators
 from megatron_eopd.trainer.config import EOPDTrainConfig, Layout, ModelSpec, plan_layout
 from megatron_eopd.trainer.metrics import MetricsLog
 from megatron_eopd.trainer.models import build_student, build_teacher, run_dtype
@@ -136,6 +138,8 @@ def open_session(config: EOPDTrainConfig, *, resume: bool = False) -> Session:
     # The layout and the schedule (warm-up within the run) are checked before any process group starts.
     layout = plan_layout(config, launch_world_size(), num_prompts=len(stream))
     platform = init_distributed(device=config.run.device)
+    if platform.rank == 0 and config.logging.progress:
+        console.say_once(describe_accelerators(platform.device.type))
     run_dir = Path(config.run.dir)
     checkpoint_root = run_dir / "checkpoints"
     checkpoint = latest_checkpoint(checkpoint_root)
