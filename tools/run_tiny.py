@@ -2,12 +2,15 @@
 """The embedded default (``make run``): the whole EOPD stack on CPU, on the synthetic arithmetic task.
 
 1. prepare (cached in the run directory): a 0.42M-parameter teacher trained by the trainer's SFT mode
-   on random valid solution paths, and a 0.21M-parameter student given a shorter SFT warm-up ending
-   its answers with ``<|endoftext|>`` like a base model;
+   until it solves held-out validation problems, and a 0.21M-parameter student whose SFT warm-up
+   stops inside an accuracy band that leaves room to improve (see megatron_eopd/trainer/tiny.py);
 2. distil the student from the teacher with EOPD through the real stack (vLLM-CPU rollouts, weight
    sync with the parity probe, Megatron teacher and student, checkpoints): the ``tiny_cpu`` preset;
-3. print a table: teacher accuracy, student accuracy before and after, entropy and gate fraction.
+3. print a table: teacher accuracy, student accuracy before and after, reverse KL, entropy, gate fraction;
+   ``summary.json`` in the run directory holds every number.
 
+The terminal shows progress bars, a line per preparation round and every tenth of the EOPD run, and
+the table; everything else (library logs and warnings, vLLM's engine) goes to ``<run-dir>/logs/run_tiny.log``.
 ``--prepare-only`` stops after step 1 (the Slurm tiny job uses it, then runs the trainer itself).
 """
 
@@ -21,31 +24,54 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_eopd.trainer.tiny import TinyRun  # noqa: E402
+from megatron_eopd import console  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="run_tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, default=Path("runs/tiny_cpu"), help="run directory (default runs/tiny_cpu)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="preparation seed: the models' initialisation, SFT order and EOPD sampling (default 1); "
+                        "another seed stands in for another machine's rounding")
     p.add_argument("--prepare-only", action="store_true", help="only prepare the teacher and the student")
     p.add_argument("--teacher-sft-iterations", type=int, default=None,
-                   help="SFT iterations for the teacher (default: the measured budget in trainer/tiny.py)")
+                   help="a fixed SFT budget for the teacher instead of its quality gate (smoke tests)")
     p.add_argument("--student-sft-iterations", type=int, default=None,
-                   help="SFT warm-up iterations for the student base (default: trainer/tiny.py's)")
+                   help="a fixed SFT budget for the student base instead of its accuracy band (smoke tests)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of the tiny_cpu preset")
     args = p.parse_args(argv)
     start = time.perf_counter()
-    tiny = TinyRun(args.run_dir, teacher_sft_iterations=args.teacher_sft_iterations,
-                   student_sft_iterations=args.student_sft_iterations)
-    tiny.prepare()
-    if args.prepare_only:
-        return 0
-    before = tiny.evaluate(tiny.student_base_dir, "student before")
-    history = tiny.distil(args.overrides)
-    after = tiny.evaluate(tiny.run_dir / "final_hf", "student after")
-    teacher = tiny.evaluate(tiny.teacher_dir, "teacher")
-    summary = tiny.summary(teacher, before, after, history, seconds=time.perf_counter() - start)
-    (tiny.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.quiet_known_warnings()
+    from megatron_eopd.errors import EOPDError
+
+    log_path = args.run_dir / "logs" / "run_tiny.log"
+    console.say(f"run directory {args.run_dir}/; library and engine logs go to {log_path}")
+    try:
+        return _run(args, log_path, start)
+    except EOPDError:  # a known failure: its message and the log's path are on the terminal already
+        return 2
+
+
+def _run(args, log_path: Path, start: float) -> int:
+    from megatron_eopd.trainer.tiny import DEFAULT_SEED, TinyRun, demo_summary
+
+    with console.capture_output(log_path):
+        tiny = TinyRun(args.run_dir, seed=DEFAULT_SEED if args.seed is None else args.seed,
+                       teacher_sft_iterations=args.teacher_sft_iterations,
+                       student_sft_iterations=args.student_sft_iterations, log=console.say)
+        tiny.distil_config(args.overrides)  # bad overrides fail now, not after the preparation
+        manifest = tiny.prepare()
+        if args.prepare_only:
+            return 0
+        before = tiny.evaluate(tiny.student_base_dir, "student before EOPD")
+        history = tiny.distil(args.overrides)
+        after = tiny.evaluate(tiny.run_dir / "final_hf", "student after EOPD")
+        teacher = tiny.evaluate(tiny.teacher_dir, "teacher")
+        summary, table = demo_summary(teacher, before, after, history, manifest, run_dir=tiny.run_dir,
+                                      seconds=time.perf_counter() - start)
+        (tiny.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for line in table:
+            console.say(line)
     return 0
 
 

@@ -26,6 +26,7 @@ class HeldoutSettings:
     """How the held-out problems are sampled: the paper's temperature 1.0 / top-p 0.8 by default."""
 
     problems: int = 64
+    first_problem: int = 0  # index of the first test-split problem used (validation sets start later)
     samples: int = 8
     temperature: float = 1.0
     top_p: float = 0.8
@@ -42,7 +43,8 @@ def evaluate_heldout(model_dir: Path, settings: HeldoutSettings, output: Optiona
     from megatron_eopd.rollout import RolloutConfig, create_rollout_engine
 
     started = time.time()
-    records = load_prompt_records(HELDOUT_SOURCE, split="test", limit=settings.problems)
+    records = load_prompt_records(HELDOUT_SOURCE, split="test",
+                                  limit=settings.first_problem + settings.problems)[settings.first_problem:]
     benchmark = runner.Benchmark(HELDOUT, f"{HELDOUT_SOURCE} (test split)", records)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     prompts = [tokenizer.encode(qwen3_templates.format_prompt(r.problem, "train"), add_special_tokens=False)
