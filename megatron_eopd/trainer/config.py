@@ -165,8 +165,13 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """``save_rollouts``: rank 0 writes every iteration's samples to ``rollouts/iter_NNNNNNN.jsonl``
+    in the run directory (token ids, the engine's log-probs, the teacher's view, the grade), enough
+    to recompute the iteration's loss outside the trainer (README, "Saved rollouts")."""
+
     tensorboard: bool = True
     progress: bool = True
+    save_rollouts: bool = False
 
 
 @dataclass

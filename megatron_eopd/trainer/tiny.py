@@ -50,7 +50,9 @@ class TinyRun:
         work = self.assets / f"{out_dir.name}_sft"
         config = load_train_config("tiny_cpu", [
             "train.mode=sft", f"student.hf_dir={init_dir}", f"run.dir={work}", f"train.seed={seed}",
-            "checkpoint.save_interval=1000", "logging.tensorboard=false", *overrides,
+            "checkpoint.save_interval=1000", "logging.tensorboard=false",
+            "logging.save_rollouts=false",  # 1,500 files of reference solutions nobody reads
+            *overrides,
         ])
         train(config)
         (work / "final_hf").rename(out_dir)
