@@ -1,10 +1,10 @@
 """The training CLI end to end, as real processes on CPU (gloo, fp32, the in-process HF sampler).
 
 - Layouts agree: two iterations at TP=1, TP=2 and PP=2 (torchrun, 2 ranks) log the same samples
-  and the same losses and gradient norms up to fp32 rounding.
+  and the same losses and gradient norms up to fp32 rounding, and save the same rollouts.
 - A SIGKILL at any moment loses nothing: killed inside an iteration, or while a checkpoint is being
-  written, the run resumes (automatically, or with ``--resume``) and its metrics equal an
-  uninterrupted run's exactly.
+  written, the run resumes (automatically, or with ``--resume``) and its metrics (and, killed inside
+  an iteration, its saved rollouts) equal an uninterrupted run's exactly.
 
 Every run uses a small budget (8 prompts, 2 optimizer steps and at most 24 sampled tokens per
 iteration) on random-weight task models made once for the module.
@@ -149,23 +149,51 @@ def models(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def golden_tp1(models, tmp_path_factory) -> list[dict]:
+def golden_tp1_dir(models, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("golden") / "tp1"
     _run(_command(models, run_dir, "train.iterations=2"))
-    rows = _rows(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def golden_tp1(golden_tp1_dir) -> list[dict]:
+    rows = _rows(golden_tp1_dir)
     assert [r["iteration"] for r in rows] == [1, 2]
     return rows
 
 
 @pytest.fixture(scope="module")
-def reference(models, tmp_path_factory) -> list[dict]:
+def reference_dir(models, tmp_path_factory) -> Path:
     """Four uninterrupted iterations, a checkpoint after each: what every resumed run must reproduce."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     _run(_command(models, run_dir, "train.iterations=4", "checkpoint.save_interval=1"))
-    rows = _rows(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir) -> list[dict]:
+    rows = _rows(reference_dir)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
-    assert _latest(run_dir) == "iter_0000004"
+    assert _latest(reference_dir) == "iter_0000004"
     return rows
+
+
+def _saved_rollouts(run_dir: Path) -> dict[str, str]:
+    """The run's ``rollouts/`` directory (the tiny_cpu preset saves them), every file's text by name."""
+    return {p.name: p.read_text() for p in sorted((run_dir / "rollouts").iterdir())}
+
+
+def _assert_same_samples(got: dict[str, str], want: dict[str, str]) -> None:
+    """Saved rollouts of two layouts: the same samples and grades; the engine's log-probs after the
+    first update within fp32 rounding (the layouts' weights differ by that)."""
+    assert list(got) == list(want)
+    for name in want:
+        for line, expected in zip(got[name].splitlines(), want[name].splitlines(), strict=True):
+            line, expected = json.loads(line), json.loads(expected)
+            logprobs, expected_logprobs = line.pop("rollout_logprobs"), expected.pop("rollout_logprobs")
+            assert line == expected, name
+            assert all(math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL) for a, b in
+                       zip(logprobs, expected_logprobs, strict=True)), name
 
 
 def test_task_student_cannot_split_its_heads(models, tmp_path):
@@ -186,9 +214,11 @@ def test_task_student_cannot_split_its_heads(models, tmp_path):
     ("parallel.pipeline=2", "full", (1, 2)),
     ("parallel.tensor=1", "none", (1, 1)),  # DP=2: the distributed optimizer, mini-batches dealt over ranks
 ], ids=["tp2", "pp2-recompute", "dp2"])
-def test_two_rank_layouts_match_one_process(models, golden_tp1, layout, recompute, tp_pp, tmp_path):
+def test_two_rank_layouts_match_one_process(models, golden_tp1, golden_tp1_dir, layout, recompute, tp_pp,
+                                            tmp_path):
     """TP=2, PP=2 and DP=2 reproduce one process; the PP=2 run also recomputes the student's
-    activations, which must not change a number either."""
+    activations, which must not change a number either.  The saved rollouts are the one process's
+    (rank 0 alone writes them: only it holds the grades)."""
     run_dir = tmp_path / "run"
     _run(_command(models, run_dir, "train.iterations=2", layout, f"train.recompute={recompute}", ranks=2))
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["recompute"] == recompute
@@ -202,6 +232,7 @@ def test_two_rank_layouts_match_one_process(models, golden_tp1, layout, recomput
         for key in NUMERIC:
             assert math.isclose(got[key], want[key], rel_tol=RTOL, abs_tol=ATOL), (
                 f"iteration {got['iteration']} {key}: {layout} {got[key]!r} vs TP=1 {want[key]!r}")
+    _assert_same_samples(_saved_rollouts(run_dir), _saved_rollouts(golden_tp1_dir))
 
 
 def test_dp2_checkpoint_of_the_distributed_optimizer_resumes(models, reference, tmp_path):
@@ -220,15 +251,18 @@ def test_dp2_checkpoint_of_the_distributed_optimizer_resumes(models, reference, 
                 f"iteration {got['iteration']} {key}: DP=2 {got[key]!r} vs one process {want[key]!r}")
 
 
-def test_sigkill_inside_an_iteration_then_auto_resume_is_exact(models, reference, tmp_path):
-    """Killed while iteration 3 computes (checkpoint 2 complete); the same command again resumes from it."""
+def test_sigkill_inside_an_iteration_then_auto_resume_is_exact(models, reference, reference_dir, tmp_path):
+    """Killed while iteration 3 computes (checkpoint 2 complete, its samples saved); the same
+    command again resumes from it.  The resumed run drops iteration 3's saved rollouts and writes
+    them again: every file ends up as the uninterrupted run's."""
     run_dir = tmp_path / "run"
     command = _command(models, run_dir, "train.iterations=4", "checkpoint.save_interval=1")
 
-    def iteration_2_logged_and_saved() -> bool:
-        return any(r["iteration"] >= 2 for r in _rows(run_dir)) and _latest(run_dir) == "iter_0000002"
+    def iteration_3_sampled() -> bool:
+        return (any(r["iteration"] >= 2 for r in _rows(run_dir)) and _latest(run_dir) == "iter_0000002"
+                and (run_dir / "rollouts" / "iter_0000003.jsonl").is_file())
 
-    killed = _start_and_kill_when(command, tmp_path / "killed.log", iteration_2_logged_and_saved)
+    killed = _start_and_kill_when(command, tmp_path / "killed.log", iteration_3_sampled)
     assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert _latest(run_dir) == "iter_0000002"
     assert [r["iteration"] for r in _rows(run_dir)][:2] == [1, 2]
@@ -236,6 +270,7 @@ def test_sigkill_inside_an_iteration_then_auto_resume_is_exact(models, reference
     _run(command)  # no --resume: a run directory holding a checkpoint is resumed automatically
     _assert_equal_to_reference(_rows(run_dir), reference)
     assert _latest(run_dir) == "iter_0000004"
+    assert _saved_rollouts(run_dir) == _saved_rollouts(reference_dir)
 
 
 def test_sigkill_while_a_checkpoint_is_written_then_resume_is_exact(models, reference, tmp_path):

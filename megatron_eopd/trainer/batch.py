@@ -43,8 +43,14 @@ class Sample:
     teacher_response_ids: list[int]  # the response as the teacher scores it (end-of-turn swapped)
     rollout_logprobs: list[float]  # log q(y_t) the sampler reported
     finish_reason: str
-    answer: str = ""
+    answer: str = ""  # the gold answer
     correct: Optional[bool] = None
+    prompt_id: str = ""  # the prompt record's id
+    request_seed: Optional[int] = None  # the engine's seed for this prompt's request (all its n samples)
+    # Set by grading, on rank 0 only: the decoded response, its last \boxed{} and why it is right or wrong.
+    response_text: Optional[str] = None
+    extracted_answer: Optional[str] = None
+    grade_reason: Optional[str] = None
 
     @property
     def num_response_tokens(self) -> int:

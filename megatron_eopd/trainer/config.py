@@ -173,12 +173,18 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """What a run reports as it goes: ``metrics.jsonl`` always; these add to it."""
+    """What a run reports as it goes, besides ``metrics.jsonl``.
+
+    ``save_rollouts``: rank 0 writes every iteration's samples to ``rollouts/iter_NNNNNNN.jsonl`` in
+    the run directory (token ids, the engine's log-probs, the teacher's view, the grade), enough to
+    recompute the iteration's loss outside the trainer (README, "Saved rollouts").
+    """
 
     tensorboard: bool = True
     progress: bool = True  # rank 0's progress bar and summary lines
     # A summary line every N iterations and after the last; None: a tenth of the run; 0: none (the bar only).
     summary_every: Optional[int] = None
+    save_rollouts: bool = False
 
     def __post_init__(self):
         if self.summary_every is not None and self.summary_every < 0:

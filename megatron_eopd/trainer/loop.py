@@ -4,7 +4,7 @@
 
 Every rank runs every line (the phases synchronise where they must).  The pieces live beside this
 file: ``session.py`` (checks and set-up), ``phases.py``, ``teacher.py``, ``student.py``,
-``state.py`` (checkpoints), ``metrics.py``.
+``state.py`` (checkpoints), ``metrics.py``, ``saved_rollouts.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def train(config: EOPDTrainConfig, *, resume: bool = False) -> list[dict]:
             with timer("rollout"):
                 samples = phases.rollout(session, iteration)
                 accuracy = phases.grade(session, samples)
+                if session.rollouts is not None:
+                    session.rollouts.write(iteration, phases.rollout_records(session, samples, iteration))
                 steps = phases.make_steps(session, samples)
             with timer("teacher"):
                 teacher = phases.teacher_statistics(session, steps, iteration) if distill else None

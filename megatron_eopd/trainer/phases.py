@@ -45,13 +45,21 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def iteration_seed(config, iteration: int) -> int:
+    """The seed an iteration draws its responses with: the engines' sampling seed (EOPD; prompt ``i``'s
+    request uses ``sampling.request_seed(i)``) or the reference-solution RNG's seed (SFT)."""
+    if config.train.mode == "sft":
+        return config.train.seed * 1_000_003 + iteration
+    return config.train.seed * 1_000_003 + iteration * 7_919
+
+
 def rollout(session: Session, iteration: int) -> list[Sample]:
     """prompts -> responses: the student samples with the engines (EOPD) or writes reference solutions (SFT)."""
     config = session.config
     items = session.stream.next_batch(config.train.prompts_per_iteration)
     if config.train.mode == "sft":
         return _reference_samples(session, items, iteration)
-    sampling = dataclasses.replace(config.rollout.sampling, seed=config.train.seed * 1_000_003 + iteration * 7_919)
+    sampling = dataclasses.replace(config.rollout.sampling, seed=iteration_seed(config, iteration))
     session.fleet.wake_up()
     results = session.fleet.generate([list(item.prompt_ids) for item in items], sampling)
     session.fleet.sleep()
@@ -64,20 +72,21 @@ def rollout(session: Session, iteration: int) -> list[Sample]:
                 response_ids=list(sample.token_ids),
                 teacher_response_ids=list(qwen3_templates.teacher_view_of_response(sample.token_ids, session.special)),
                 rollout_logprobs=list(sample.logprobs), finish_reason=sample.finish_reason, answer=item.record.answer,
+                prompt_id=item.record.id, request_seed=sampling.request_seed(index),
             ))
     return samples
 
 
 def _reference_samples(session: Session, items, iteration: int) -> list[Sample]:
     """SFT: ``rollout.sampling.n`` random valid solution paths per prompt, ended by ``train.sft_end_token``."""
-    rng = random.Random(session.config.train.seed * 1_000_003 + iteration)
+    rng = random.Random(iteration_seed(session.config, iteration))
     end = session.tokenizer.convert_tokens_to_ids(session.config.train.sft_end_token)
     samples = []
     for index, item in enumerate(items):
         for _ in range(session.config.rollout.sampling.n):
             response = session.tokenizer.encode(sample_solution(item.record, rng), add_special_tokens=False) + [end]
             samples.append(Sample(index, list(item.prompt_ids), list(item.prompt_ids), response, response,
-                                  [0.0] * len(response), "stop", item.record.answer))
+                                  [0.0] * len(response), "stop", item.record.answer, prompt_id=item.record.id))
     return samples
 
 
@@ -87,9 +96,30 @@ def grade(session: Session, samples: list[Sample]) -> float:
     if session.platform.rank == 0:
         for sample in samples:
             text = session.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
-            sample.correct = grade_answer(text, sample.answer).correct
+            graded = grade_answer(text, sample.answer)
+            sample.correct, sample.response_text = graded.correct, text
+            sample.extracted_answer, sample.grade_reason = graded.extracted, graded.reason
             correct += int(sample.correct)
     return all_reduce_sum([float(correct)])[0] / max(len(samples), 1)
+
+
+def rollout_records(session: Session, samples: list[Sample], iteration: int) -> list[dict]:
+    """One JSON-ready dict per sample, in the order the update splits them into mini-batches (rank 0,
+    after :func:`grade`).  SFT has no engine and no teacher: those fields are None there."""
+    distill = session.config.train.mode == "eopd"
+    seed = iteration_seed(session.config, iteration)
+    mini_batch_size = session.config.train.mini_batch_size
+    return [{
+        "iteration": iteration, "seed": seed, "request_seed": sample.request_seed,
+        "mini_batch": position // mini_batch_size, "prompt_index": sample.prompt_index,
+        "prompt_id": sample.prompt_id, "prompt_ids": sample.prompt_ids, "response_ids": sample.response_ids,
+        "rollout_logprobs": sample.rollout_logprobs if distill else None,
+        "teacher_prompt_ids": sample.teacher_prompt_ids if distill else None,
+        "teacher_response_ids": sample.teacher_response_ids if distill else None,
+        "finish_reason": sample.finish_reason, "response_text": sample.response_text,
+        "extracted_answer": sample.extracted_answer, "correct": sample.correct,
+        "grade_reason": sample.grade_reason, "gold_answer": sample.answer,
+    } for position, sample in enumerate(samples)]
 
 
 def make_steps(session: Session, samples: list[Sample]) -> list[StepBatch]:

@@ -27,6 +27,7 @@ from megatron_eopd.trainer.config import EOPDTrainConfig, Layout, ModelSpec, pla
 from megatron_eopd.trainer.metrics import MetricsLog
 from megatron_eopd.trainer.models import build_student, build_teacher, run_dtype
 from megatron_eopd.trainer.rollouts import RolloutFleet
+from megatron_eopd.trainer.saved_rollouts import RolloutLog
 from megatron_eopd.trainer.state import RunState, clean_partial_writes, latest_checkpoint, load_checkpoint
 from megatron_eopd.trainer.student import Optimization
 
@@ -48,6 +49,7 @@ class Session:
     state: RunState
     iterations: int
     vocab_size: int
+    rollouts: Optional[RolloutLog] = None  # logging.save_rollouts
     extras: dict = field(default_factory=dict)
 
     @property
@@ -175,4 +177,5 @@ def open_session(config: EOPDTrainConfig, *, resume: bool = False) -> Session:
         student=student, teacher=teacher, fleet=fleet,
         log=MetricsLog(run_dir, tensorboard=config.logging.tensorboard, resume_from=state.iteration),
         state=state, iterations=layout.iterations, vocab_size=config.student.architecture("student").vocab_size,
+        rollouts=RolloutLog(run_dir, resume_from=state.iteration) if config.logging.save_rollouts else None,
     )

@@ -171,6 +171,7 @@ class TinyRun:
             "train.mode=sft", *overrides, f"train.iterations={iterations}",
             "checkpoint.save_interval=100000", "checkpoint.keep_last=1", "logging.tensorboard=false",
             "logging.summary_every=0",  # a line per round comes from the gate
+            "logging.save_rollouts=false",  # thousands of files of reference solutions nobody reads
         ])
         train(config)
 
