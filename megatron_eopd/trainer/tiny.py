@@ -33,7 +33,7 @@ SFT_SETTINGS = ["train.prompts_per_iteration=32", "train.mini_batch_size=32", "t
 # The student ends its answers with <|endoftext|> like a base model; the teacher view maps it to <|im_end|>.
 STUDENT_END = ["train.sft_end_token=<|endoftext|>"]
 
-EVAL_PROBLEMS = 64  # the reported held-out problems: the first of the test split
+EVAL_PROBLEMS = 128  # the reported held-out problems: the first of the test split
 EVAL_SAMPLES = 4
 EVAL_TOP_P = 0.8  # the paper's evaluation sampling (temperature 1.0, top-p 0.8)
 VALIDATION_FIRST = 384  # validation problems: test-split problems 384-511, disjoint from every report's
@@ -64,7 +64,7 @@ class QualityGate:
 
 
 TEACHER_GATE = QualityGate(target=0.95, first_round=1000, round_iterations=250, max_iterations=4000)
-STUDENT_GATE = QualityGate(target=0.40, ceiling=0.60, first_round=700, round_iterations=50, max_iterations=3000)
+STUDENT_GATE = QualityGate(target=0.30, ceiling=0.50, first_round=700, round_iterations=50, max_iterations=3000)
 
 
 def preparation_seeds(seed: int) -> dict:
