@@ -126,6 +126,9 @@ def engine(request, tiny_dir):
         dtype="float32",
         enforce_eager=True,
         max_model_len=256,
+        # A small step budget (vLLM's default is 4,096 tokens on CPU), so that a batch of modest prompts
+        # already needs several engine steps.
+        max_num_batched_tokens=256,
         show_progress=False,
         sampling=SamplingConfig(max_tokens=64),
     )
@@ -195,6 +198,30 @@ def test_seed_reproducibility(engine):
     # Per-prompt seeds: a prompt's samples do not depend on the rest of the batch.
     alone = engine.generate([PROMPTS[2]], SamplingConfig(n=2, max_tokens=8, seed=11 + 2 * 2))
     assert tokens(alone) == [s.token_ids for s in first.results[2].samples]
+
+
+def test_seeded_samples_do_not_depend_on_how_the_batch_is_split_into_engine_steps(engine):
+    """A batch with more prompt tokens than one engine step takes is spread over several steps.  vLLM-CPU
+    used to die there ("CPU Generator does not use offset": a prompt cut at the end of a step was sampled
+    and its seeded generator wound back, which a CPU generator cannot do).  Each prompt's samples must
+    also be exactly those it gets alone, whatever step it landed in."""
+    import dataclasses
+
+    from megatron_eopd.rollout.vllm_engine import _vllm_on_cpu
+
+    prompts = [[5 + i, 6 + i % 7] * 12 for i in range(24)]  # 24 distinct prompts of 24 tokens, 576 in all
+    settings = SamplingConfig(n=2, max_tokens=4, seed=21)
+    if engine.name == "vllm":
+        scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
+        assert sum(map(len, prompts)) > 2 * scheduler.max_num_batched_tokens
+    batch = engine.generate(prompts, settings)
+    for i in (0, 13, 23):  # the first step's, and prompts that had to wait for later steps
+        alone = engine.generate([prompts[i]], dataclasses.replace(settings, seed=settings.request_seed(i)))
+        for got, want in zip(alone.results[0].samples, batch.results[i].samples, strict=True):
+            assert got.token_ids == want.token_ids, i
+            torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=0)
+    if engine.name == "vllm":
+        assert scheduler.enable_chunked_prefill is not _vllm_on_cpu()  # how: no chunked prefill on CPU
 
 
 def test_logprobs_are_the_raw_model_logprobs_of_the_sampled_tokens(engine, hf_model):

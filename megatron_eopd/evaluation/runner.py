@@ -403,6 +403,7 @@ class EvalSettings:
     prompt_purpose: str = "eval"
     limit: Optional[int] = None
     max_model_len: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
     dtype: str = "auto"
     grading_timeout_s: float = 5.0
     stop_token_ids: List[int] = field(default_factory=list)
@@ -460,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine dtype (default: the model's)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="engine context length (default: the model's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="vLLM's token budget per engine step (default: vLLM's; on CPU at least the context length)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vLLM's share of GPU memory")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs")
@@ -530,7 +533,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     device = args.device or ("cuda" if _cuda_available() else "cpu")
     try:
         config = RolloutConfig(engine=args.engine, sampling=sampling, dtype=args.dtype,
-                               max_model_len=args.max_model_len,
+                               max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                                tensor_parallel_size=args.tensor_parallel_size,
                                gpu_memory_utilization=args.gpu_memory_utilization,
                                enforce_eager=args.enforce_eager, seed=args.seed, hf_device=device,
@@ -541,7 +544,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         model=str(model.path.resolve()), model_kind=model.kind, benchmarks=names,
         sources={b.name: b.source for b in benchmarks}, n=args.n, temperature=args.temperature,
         top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, engine=args.engine,
-        prompt_style=style, limit=args.limit, max_model_len=args.max_model_len, dtype=args.dtype,
+        prompt_style=style, limit=args.limit, max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
         grading_timeout_s=args.grading_timeout,
         stop_token_ids=stops, versions=_versions(args.engine),
     )

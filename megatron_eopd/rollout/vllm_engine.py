@@ -29,6 +29,7 @@ from megatron_eopd.rollout.engine import (
     RolloutBatch,
     RolloutConfig,
     RolloutEngine,
+    RolloutEngineError,
     RolloutResult,
     RolloutSample,
     SamplingConfig,
@@ -51,6 +52,19 @@ GPU_MEMORY_UTILIZATION = 0.85
 # cores, so the teacher and student phases right after a rollout or a weight sync ran up to 10x
 # slower while it spun (iterations of 0.1 s took 1.05 s).  At the lowest priority it gets idle cycles only.
 CPU_ENGINE_NICENESS = 19
+# No chunked prefill on CPU.  When one engine step cannot take every waiting prompt (its token budget,
+# max_num_batched_tokens, 4,096 by default on CPU), vLLM's scheduler gives the last prompt only part
+# of its prefill.  The model runner still samples a token for that request, throws it away, and winds
+# the request's own generator back (GPUModelRunner._bookkeeping_sync in
+# vllm/v1/worker/gpu_model_runner.py: gen.set_offset(gen.get_offset() - 4)).  Every request here has
+# its own seeded generator (SamplingParams.seed: per-sample reproducibility, exact resume, results
+# independent of how prompts are split across engines), and a CPU generator (Mersenne Twister) has no
+# offset to wind back: "CPU Generator does not use offset", and the engine dies.  Without chunked
+# prefill a prompt is scheduled whole or waits for the next step, no sampled token is ever
+# discarded, and the generators only advance once per kept token; vLLM then raises the step budget
+# to at least max_model_len itself (vLLM-CPU does the same for MLA models).  GPUs keep chunked
+# prefill: their Philox generators can be wound back.
+CPU_ENABLE_CHUNKED_PREFILL = False
 
 
 def _vllm_on_cpu() -> bool:
@@ -67,7 +81,15 @@ def platform_engine_defaults(config: RolloutConfig) -> dict:
     if _vllm_on_cpu():
         if config.sleep_between_phases:
             raise ValueError("rollout.sleep_between_phases=true needs vLLM on a GPU (vLLM-CPU has no sleep mode)")
-        return {"gpu_memory_utilization": config.gpu_memory_utilization or CPU_GPU_MEMORY_UTILIZATION}
+        budget, length = config.max_num_batched_tokens, config.max_model_len
+        if budget is not None and length is not None and budget < length:
+            raise RolloutEngineError(
+                f"the vLLM-CPU engine cannot start with max_num_batched_tokens={budget} below max_model_len={length}: "
+                "it runs without chunked prefill (per-request seeds need that on CPU), so one engine step must "
+                "hold a whole sequence"
+            )
+        return {"gpu_memory_utilization": config.gpu_memory_utilization or CPU_GPU_MEMORY_UTILIZATION,
+                "enable_chunked_prefill": CPU_ENABLE_CHUNKED_PREFILL}
     # On GPUs the engine shares the devices with training: it sleeps (weights offloaded, KV cache
     # freed) while the teacher and the student run, unless told otherwise.
     sleep = True if config.sleep_between_phases is None else config.sleep_between_phases
@@ -174,6 +196,8 @@ class VLLMRolloutEngine(RolloutEngine):
         )
         if config.max_model_len is not None:
             engine_args["max_model_len"] = config.max_model_len
+        if config.max_num_batched_tokens is not None:
+            engine_args["max_num_batched_tokens"] = config.max_num_batched_tokens
         engine_args.update(platform_engine_defaults(config))
         self.sleep_mode = bool(engine_args.get("enable_sleep_mode", False))
         self.asleep = False
