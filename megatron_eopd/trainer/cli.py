@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
@@ -13,6 +14,7 @@ from megatron_eopd.config import ConfigError, to_dict
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3  # a loss term, gradient or teacher statistic went NaN/Inf; the weights were not updated
+EXIT_ENGINE_FAILED = 4  # a rollout engine failed to start or died; the message names it and the cause
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="Runs as one process or under torchrun (one rank per GPU); a run directory that holds a checkpoint "
         "is resumed automatically. Exit status 2 on bad input, before anything starts; 3 when a run stops "
         "on a non-finite loss term, gradient or teacher statistic (the message names the iteration and "
-        "the term).",
+        "the term); 4 when a rollout engine fails to start or dies (the message names the engine's rank, its model "
+        "and the cause its processes reported).",
     )
     p.add_argument("--config", required=True, help="preset name (e.g. eopd_qwen3_4b, tiny_cpu) or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. loss.tau=1.0")
@@ -42,12 +45,29 @@ def _bad_input_types():
     return ConfigError, DataError, IncompatibleModelsError, UnsupportedArchitectureError, CheckpointError
 
 
+def _resume_point(config) -> str:
+    """Where the next start continues from, for the message of a run that ended early."""
+    from megatron_eopd.trainer.state import latest_checkpoint
+
+    if config is None:
+        return "nothing was started"
+    try:
+        checkpoint = latest_checkpoint(Path(config.run.dir) / "checkpoints")
+    except Exception as exc:  # noqa: BLE001 - the message must still come out
+        return f"the latest checkpoint could not be read ({exc})"
+    if checkpoint is None:
+        return "no checkpoint was written yet; the same command starts the run again"
+    return f"the latest complete checkpoint is {checkpoint}; the same command resumes from it"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_eopd.rollout import RolloutEngineError
     from megatron_eopd.trainer.config import load_train_config, plan_layout
     from megatron_eopd.trainer.student import NonFiniteError
 
     args = parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    config = None
     try:
         config = load_train_config(args.config, args.overrides)
         if args.dry_run:
@@ -67,4 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteError as exc:  # every rank raises together; the last checkpoint is the one to resume from
         print(f"train_eopd: stopped{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)
         return EXIT_NON_FINITE
+    except RolloutEngineError as exc:  # its engine was closed on the way out (train's finally)
+        print(f"train_eopd: error{f' (rank {rank})' if rank else ''}: {exc}; {_resume_point(config)}",
+              file=sys.stderr, flush=True)
+        return EXIT_ENGINE_FAILED
     return 0
