@@ -41,6 +41,7 @@ log = logging.getLogger("megatron_eopd.evaluation")
 
 EXIT_BAD_INPUT = 2
 EXIT_ENGINE_FAILED = 4  # the rollout engine failed to start or died (the message names the cause)
+# Stopped by SIGTERM / SIGINT: 128 + the signal number (143 / 130), see megatron_eopd.signals.
 OUTPUT_FORMAT = "megatron-eopd/eval"
 OUTPUT_FORMAT_VERSION = 1
 # The paper's evaluation suite, in its table order.
@@ -429,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample n answers per benchmark problem with the rollout engine (the paper's zero-shot "
         "\\boxed{} prompt), grade the last \\boxed{} with math-verify, and report Avg@n and Pass@k.",
         epilog="Exit status 2 on bad input (nothing is written); 4 when the rollout engine fails to start or dies "
-        "(the message names the cause; nothing is written). Benchmarks: <data-dir>/<name>.jsonl with "
+        "(the message names the cause); 128 + the signal number when stopped by SIGTERM or SIGINT (143, 130: the "
+        "engine and its processes are stopped first, nothing is written). Benchmarks: <data-dir>/<name>.jsonl with "
         "{\"id\",\"problem\",\"answer\"} rows, <data-dir>/<name>/ (a Hugging Face dataset on disk), "
         "--data-dir 'hf:ORG/{name}' (one hub dataset per benchmark) or --source NAME=SOURCE.",
     )
@@ -583,21 +585,27 @@ def _cuda_available() -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``tools/evaluate.py``: returns the exit status (0; 2 on bad input; 4 when the engine failed)."""
+    """``tools/evaluate.py``: returns the exit status (0; 2 on bad input; 4 when the engine died; 128 + signal)."""
     from megatron_eopd.rollout import RolloutEngineError
+    from megatron_eopd.signals import stop_on_signals
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="evaluate: %(message)s", stream=sys.stderr)
-    try:
-        report = run(args)
-    except EvalInputError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    except RolloutEngineError as exc:
-        print(f"{parser.prog}: error: {exc}; nothing was written", file=sys.stderr, flush=True)
-        return EXIT_ENGINE_FAILED
+    with stop_on_signals() as stop:
+        try:
+            report = run(args)
+        except EvalInputError as exc:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
+        except RolloutEngineError as exc:
+            print(f"{parser.prog}: error: {exc}; nothing was written", file=sys.stderr, flush=True)
+            return EXIT_ENGINE_FAILED
+    if stop.stopped:
+        print(f"{parser.prog}: stopped by {stop.signal_name}: the rollout engine and its processes are stopped; "
+              "nothing was written", file=sys.stderr, flush=True)
+        return stop.exit_status
     settings = report["settings"]
     print(f"\n{settings['model']} ({settings['engine']}, n={settings['n']}, "
           f"temperature {settings['temperature']}, top-p {settings['top_p']}, "
