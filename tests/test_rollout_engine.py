@@ -210,19 +210,19 @@ def test_seeded_samples_do_not_depend_on_how_the_batch_is_split_into_engine_step
 
     from megatron_eopd.rollout.vllm_engine import _vllm_on_cpu
 
+    if engine.name != "vllm":
+        pytest.skip("only vLLM schedules a batch in steps (the fallback's per-prompt seeds: test_seed_reproducibility)")
     prompts = [[5 + i, 6 + i % 7] * 12 for i in range(24)]  # 24 distinct prompts of 24 tokens, 576 in all
     settings = SamplingConfig(n=2, max_tokens=4, seed=21)
-    if engine.name == "vllm":
-        scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
-        assert sum(map(len, prompts)) > 2 * scheduler.max_num_batched_tokens
+    scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
+    assert sum(map(len, prompts)) > 2 * scheduler.max_num_batched_tokens
     batch = engine.generate(prompts, settings)
     for i in (0, 13, 23):  # the first step's, and prompts that had to wait for later steps
         alone = engine.generate([prompts[i]], dataclasses.replace(settings, seed=settings.request_seed(i)))
         for got, want in zip(alone.results[0].samples, batch.results[i].samples, strict=True):
             assert got.token_ids == want.token_ids, i
             torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=0)
-    if engine.name == "vllm":
-        assert scheduler.enable_chunked_prefill is not _vllm_on_cpu()  # how: no chunked prefill on CPU
+    assert scheduler.enable_chunked_prefill is not _vllm_on_cpu()  # how: no chunked prefill on CPU
 
 
 def test_logprobs_are_the_raw_model_logprobs_of_the_sampled_tokens(engine, hf_model):
@@ -331,7 +331,7 @@ def test_a_dead_engine_is_an_error_naming_the_engine_and_the_cause(engine, tiny_
             time.sleep(0.1)
     message = str(raised.value)
     assert message.startswith(f"the vLLM rollout engine of process {os.getpid()} (model {tiny_dir}) died while ")
-    assert "died unexpectedly (exit code: -9)" in message, message
+    assert "Worker proc VllmWorker-0 died unexpectedly" in message, message  # vLLM's line; its exit code races
     engine.close()
     assert not [p for p in engine._processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
