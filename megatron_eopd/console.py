@@ -66,12 +66,14 @@ def quiet_known_warnings() -> None:
 
 
 @contextlib.contextmanager
-def capture_output(log_path: Path) -> Iterator[Path]:
+def capture_output(log_path: Path, *, prog: str) -> Iterator[Path]:
     """Within the block, stdout and stderr (file descriptors 1 and 2, inherited by child processes)
     append to ``log_path``; :func:`say` and :func:`progress` reach the terminal.
 
-    An exception leaving the block is written to the log in full; the terminal gets its last line
-    and where the log is, then it propagates with the descriptors restored.
+    An error leaving the block is written to the log in full, and the terminal gets one line,
+    ``<prog>: error: <message>``, and where the log is; then it propagates with the descriptors
+    restored.  A stop request (``KeyboardInterrupt``, a stop signal) passes through silently: the
+    tool says how it stopped.
     """
     global _terminal
     if captured():  # nested: the outer capture's log keeps everything
@@ -88,13 +90,14 @@ def capture_output(log_path: Path) -> Iterator[Path]:
         os.dup2(log.fileno(), fd)
     try:
         yield log_path
-    except BaseException as exc:
+    except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
-        summary = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        error = os.fdopen(os.dup(saved[2]), "w")
-        error.write(f"{summary}\n(full log: {log_path})\n")
-        error.close()
+        from megatron_eopd.errors import EOPDError
+
+        message = str(exc) if isinstance(exc, EOPDError) else f"{type(exc).__name__}: {exc}"
+        with os.fdopen(os.dup(saved[2]), "w") as error:
+            error.write(f"{prog}: error: {message}\n(full log: {log_path})\n")
         raise
     finally:
         sys.stdout.flush()

@@ -16,7 +16,7 @@ JOB = textwrap.dedent("""
     from megatron_eopd import console
 
     console.say("before the capture")
-    with console.capture_output({log!r}):
+    with console.capture_output({log!r}, prog="job"):
         console.say("job line")
         print("a library's print")
         warnings.warn("a library's warning")
@@ -63,7 +63,7 @@ def test_job_lines_on_the_terminal_and_the_rest_in_the_log(tmp_path):
 def test_a_failure_reaches_the_terminal_with_the_log_path(tmp_path):
     proc, log = _run(tmp_path, fail=True)
     assert proc.returncode == 1
-    assert "RuntimeError: the engine died: worker exited" in proc.stderr
+    assert "job: error: RuntimeError: the engine died: worker exited" in proc.stderr
     assert f"(full log: {log})" in proc.stderr
     assert "after the capture" not in proc.stdout
     logged = log.read_text()

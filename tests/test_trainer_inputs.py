@@ -24,6 +24,8 @@ import pytest
 import torch
 import yaml
 
+from megatron_eopd.rollout.engine import vllm_importable
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "tools" / "train_eopd.py"
 GIB = 1024**3
@@ -101,6 +103,8 @@ MORE_BAD_LAYOUTS = {
     "warm-up longer than the run": (["--world-size", "8", "train.iterations=1", "optim.warmup_steps=4"],
                                     ["optim.warmup_steps = 4 must be below the run's 4 optimizer steps"]),
 }
+# vLLM-CPU runs without chunked prefill, so its step budget must hold a whole sequence: refused at start-up.
+ENGINE_REFUSED = ["rollout.engine=vllm", "rollout.max_model_len=256", "rollout.max_num_batched_tokens=128"]
 # Qwen3 shapes (the models' config.json): hidden, layers, heads, kv heads, head dim, FFN, tied.
 QWEN3_SHAPES = {
     "Qwen3-0.6B": (1024, 28, 16, 8, 128, 3072, True),
@@ -144,6 +148,9 @@ def cli_runs(models, tmp_path_factory):
     jobs["dry run: tiny_cpu"] = (["--config", "tiny_cpu", "--dry-run"], where, where / "runs")
     where = tmp_path_factory.mktemp("real_run")
     jobs["real run: eopd_qwen3_0.6b"] = (["--config", "eopd_qwen3_0.6b"], where, where / "runs")
+    if vllm_importable():
+        where = tmp_path_factory.mktemp("engine_refused")
+        jobs["engine refused"] = (_tiny(models, where / "run", *ENGINE_REFUSED), where, where / "run")
 
     # A stray LOCAL_WORLD_SIZE (a process that ran vLLM in-process keeps one) must not change the plan a
     # dry run makes for another launch: CI once failed every preset's dry run on exactly that.
@@ -216,6 +223,26 @@ def test_dry_run_refuses_more_impossible_layouts(case, models, tmp_path, capsys,
                             monkeypatch, tmp_path)
     _assert_one_line_error(proc, expected)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.vllm
+def test_a_rollout_engine_that_cannot_start_exits_4_with_one_line(cli_runs):
+    """A rollout engine failure (here vLLM-CPU refusing a step budget below the context length) is exit
+    status 4 and one line naming the engine's problem and where the next start continues, no traceback."""
+    from megatron_eopd.rollout.vllm_engine import _vllm_on_cpu
+
+    if "engine refused" not in cli_runs:
+        pytest.skip("vllm is not importable in this environment")
+    if not _vllm_on_cpu():
+        pytest.skip("the budget's floor is vLLM-CPU's")
+    proc, _, _ = cli_runs["engine refused"]
+    assert proc.returncode == 4, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train_eopd")]
+    assert lines == ["train_eopd: error: the vLLM-CPU engine cannot start with max_num_batched_tokens=128 below "
+                     "max_model_len=256: it runs without chunked prefill (per-request seeds need that on CPU), so "
+                     "one engine step must hold a whole sequence; no checkpoint was written yet; the same command "
+                     "starts the run again"], proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- dry runs of the paper presets

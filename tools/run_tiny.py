@@ -25,10 +25,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eopd import console  # noqa: E402
+from megatron_eopd.signals import stop_on_signals  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="run_tiny", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="run_tiny", description=__doc__.split("\n\n")[0],
+        epilog="SIGTERM or SIGINT stops the run cleanly (the rollout engine and its processes first) with exit "
+        "status 128 + the signal number (143, 130); the same command continues: prepared models are kept and "
+        "the distillation resumes from its latest checkpoint. Exit status 2 on bad input or a model that misses its "
+        "quality gate, 4 when the rollout engine fails to start or dies.")
     p.add_argument("--run-dir", type=Path, default=Path("runs/tiny_cpu"), help="run directory (default runs/tiny_cpu)")
     p.add_argument("--seed", type=int, default=None,
                    help="preparation seed: the models' initialisation, SFT order and EOPD sampling (default 1); "
@@ -41,28 +47,41 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of the tiny_cpu preset")
     args = p.parse_args(argv)
     start = time.perf_counter()
-    console.quiet_known_warnings()
+    console.quiet_known_warnings()  # before Megatron-Core is imported: the session states them once
     from megatron_eopd.errors import EOPDError
+    from megatron_eopd.rollout import RolloutEngineError
+    from megatron_eopd.trainer.cli import EXIT_BAD_INPUT, EXIT_ENGINE_FAILED
 
     log_path = args.run_dir / "logs" / "run_tiny.log"
     console.say(f"run directory {args.run_dir}/; library and engine logs go to {log_path}")
-    try:
-        return _run(args, log_path, start)
-    except EOPDError:  # a known failure: its message and the log's path are on the terminal already
-        return 2
+    with stop_on_signals() as stop:
+        try:
+            _run(args, log_path, start)
+        except RolloutEngineError:  # the capture put its message and the log's path on the terminal
+            console.say("the same command continues: prepared models are kept, the distillation resumes "
+                        "from its latest checkpoint")
+            return EXIT_ENGINE_FAILED
+        except EOPDError:
+            return EXIT_BAD_INPUT
+    if stop.stopped:
+        print(f"run_tiny: stopped by {stop.signal_name}: the rollout engine and its processes are stopped; the same "
+              "command continues (prepared models are kept, the distillation resumes from its latest checkpoint)",
+              file=sys.stderr, flush=True)
+        return stop.exit_status
+    return 0
 
 
-def _run(args, log_path: Path, start: float) -> int:
+def _run(args, log_path: Path, start: float) -> None:
     from megatron_eopd.trainer.tiny import DEFAULT_SEED, TinyRun, demo_summary
 
-    with console.capture_output(log_path):
+    with console.capture_output(log_path, prog="run_tiny"):
         tiny = TinyRun(args.run_dir, seed=DEFAULT_SEED if args.seed is None else args.seed,
                        teacher_sft_iterations=args.teacher_sft_iterations,
                        student_sft_iterations=args.student_sft_iterations, log=console.say)
         tiny.distil_config(args.overrides)  # bad overrides fail now, not after the preparation
         manifest = tiny.prepare()
         if args.prepare_only:
-            return 0
+            return
         before = tiny.evaluate(tiny.student_base_dir, "student before EOPD")
         history = tiny.distil(args.overrides)
         after = tiny.evaluate(tiny.run_dir / "final_hf", "student after EOPD")
@@ -72,7 +91,6 @@ def _run(args, log_path: Path, start: float) -> int:
         (tiny.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for line in table:
             console.say(line)
-    return 0
 
 
 if __name__ == "__main__":  # vLLM's engine core is a spawned process: keep the guard

@@ -40,6 +40,8 @@ from megatron_eopd.evaluation import metrics as M
 log = logging.getLogger("megatron_eopd.evaluation")
 
 EXIT_BAD_INPUT = 2
+EXIT_ENGINE_FAILED = 4  # the rollout engine failed to start or died (the message names the cause)
+# Stopped by SIGTERM / SIGINT: 128 + the signal number (143 / 130), see megatron_eopd.signals.
 OUTPUT_FORMAT = "megatron-eopd/eval"
 OUTPUT_FORMAT_VERSION = 1
 # The paper's evaluation suite, in its table order.
@@ -403,6 +405,7 @@ class EvalSettings:
     prompt_purpose: str = "eval"
     limit: Optional[int] = None
     max_model_len: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
     dtype: str = "auto"
     grading_timeout_s: float = 5.0
     stop_token_ids: List[int] = field(default_factory=list)
@@ -426,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate",
         description="Sample n answers per benchmark problem with the rollout engine (the paper's zero-shot "
         "\\boxed{} prompt), grade the last \\boxed{} with math-verify, and report Avg@n and Pass@k.",
-        epilog="Exit status 2 on bad input (nothing is written). Benchmarks: <data-dir>/<name>.jsonl with "
+        epilog="Exit status 2 on bad input (nothing is written); 4 when the rollout engine fails to start or dies "
+        "(the message names the cause); 128 + the signal number when stopped by SIGTERM or SIGINT (143, 130: the "
+        "engine and its processes are stopped first, nothing is written). Benchmarks: <data-dir>/<name>.jsonl with "
         "{\"id\",\"problem\",\"answer\"} rows, <data-dir>/<name>/ (a Hugging Face dataset on disk), "
         "--data-dir 'hf:ORG/{name}' (one hub dataset per benchmark) or --source NAME=SOURCE.",
     )
@@ -460,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine dtype (default: the model's)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="engine context length (default: the model's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="vLLM's token budget per engine step (default: vLLM's; on CPU at least the context length)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vLLM's share of GPU memory")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs")
@@ -530,7 +537,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     device = args.device or ("cuda" if _cuda_available() else "cpu")
     try:
         config = RolloutConfig(engine=args.engine, sampling=sampling, dtype=args.dtype,
-                               max_model_len=args.max_model_len,
+                               max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                                tensor_parallel_size=args.tensor_parallel_size,
                                gpu_memory_utilization=args.gpu_memory_utilization,
                                enforce_eager=args.enforce_eager, seed=args.seed, hf_device=device,
@@ -541,7 +548,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         model=str(model.path.resolve()), model_kind=model.kind, benchmarks=names,
         sources={b.name: b.source for b in benchmarks}, n=args.n, temperature=args.temperature,
         top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, engine=args.engine,
-        prompt_style=style, limit=args.limit, max_model_len=args.max_model_len, dtype=args.dtype,
+        prompt_style=style, limit=args.limit, max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
         grading_timeout_s=args.grading_timeout,
         stop_token_ids=stops, versions=_versions(args.engine),
     )
@@ -577,16 +585,27 @@ def _cuda_available() -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``tools/evaluate.py``: returns the exit status (0, or 2 on bad input)."""
+    """``tools/evaluate.py``: returns the exit status (0; 2 on bad input; 4 when the engine died; 128 + signal)."""
+    from megatron_eopd.rollout import RolloutEngineError
+    from megatron_eopd.signals import stop_on_signals
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="evaluate: %(message)s", stream=sys.stderr)
-    try:
-        report = run(args)
-    except EvalInputError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+    with stop_on_signals() as stop:
+        try:
+            report = run(args)
+        except EvalInputError as exc:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
+        except RolloutEngineError as exc:
+            print(f"{parser.prog}: error: {exc}; nothing was written", file=sys.stderr, flush=True)
+            return EXIT_ENGINE_FAILED
+    if stop.stopped:
+        print(f"{parser.prog}: stopped by {stop.signal_name}: the rollout engine and its processes are stopped; "
+              "nothing was written", file=sys.stderr, flush=True)
+        return stop.exit_status
     settings = report["settings"]
     print(f"\n{settings['model']} ({settings['engine']}, n={settings['n']}, "
           f"temperature {settings['temperature']}, top-p {settings['top_p']}, "

@@ -36,6 +36,11 @@ class RolloutEngineUnavailableError(EOPDError, RuntimeError):
     """The configured rollout engine cannot be created here (e.g. vLLM asked for but not importable)."""
 
 
+class RolloutEngineError(EOPDError, RuntimeError):
+    """A rollout engine failed to start or died; the message names the engine (its rank and model
+    directory), what it was doing, and the cause its processes reported."""
+
+
 # --------------------------------------------------------------------------- sampling and results
 
 
@@ -192,8 +197,9 @@ class RolloutConfig:
     ``engine``: ``"vllm"`` (default; raises if vLLM is not importable) or ``"hf"`` (the slower
     Hugging Face fallback, only when asked for).  vLLM engine arguments: ``dtype``,
     ``gpu_memory_utilization`` (``None``: the platform default, see ``vllm_engine.py``),
-    ``enforce_eager``, ``max_model_len``, ``tensor_parallel_size``, ``enable_prefix_caching``,
-    ``seed``.  ``engines_per_node``: engines per node at cluster scale (each serves a share of the
+    ``enforce_eager``, ``max_model_len``, ``max_num_batched_tokens`` (tokens per engine step; ``None``:
+    vLLM's default, on CPU at least ``max_model_len``), ``tensor_parallel_size``,
+    ``enable_prefix_caching``, ``seed``.  ``engines_per_node``: engines per node at cluster scale (each serves a share of the
     prompts).  ``sleep_between_phases``: on GPUs the engine sleeps while the models train (None: on
     wherever vLLM runs on a GPU).  ``weight_sync``: ``"memory"`` streams tensors into the running engine in buckets of
     ``sync_bucket_mb``, each crossing into the engine by ``sync_transport`` (``"ipc"``: a handle to one
@@ -209,6 +215,7 @@ class RolloutConfig:
     gpu_memory_utilization: Optional[float] = None
     enforce_eager: bool = False
     max_model_len: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
     seed: int = 0
@@ -242,6 +249,9 @@ class RolloutConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"rollout.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"rollout.max_num_batched_tokens must be >= 1 (or None for vLLM's default), "
+                             f"got {self.max_num_batched_tokens}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.weight_sync not in ("memory", "disk"):

@@ -6,6 +6,12 @@ its host rank's GPU and the ``tensor_parallel_size - 1`` after it, through the e
 processes start with.  vLLM starts its engine core in a spawned process, so a script that
 creates this engine needs the ``if __name__ == "__main__":`` guard.
 
+vLLM reports a dead engine core with a generic ``EngineDeadError``; the cause is only in the engine
+processes' log output.  :class:`EngineOutput` passes that output through to this process's own
+streams and remembers the last lines, so a death becomes a :class:`RolloutEngineError` naming the
+engine (rank, model directory), what it was doing and the cause.  :meth:`VLLMRolloutEngine.close`
+stops whatever vLLM's own shutdown leaves running.
+
 Weights arrive through the worker extension (:mod:`megatron_eopd.rollout.worker_extension`):
 :meth:`VLLMRolloutEngine.load_weights` streams HF-named tensors in buckets over ``collective_rpc``;
 :meth:`VLLMRolloutEngine.load_weights_from_dir` has vLLM reload a HF directory in place.  After
@@ -14,9 +20,12 @@ either, the prefix cache is dropped: cached KV blocks were computed by the old w
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -29,6 +38,7 @@ from megatron_eopd.rollout.engine import (
     RolloutBatch,
     RolloutConfig,
     RolloutEngine,
+    RolloutEngineError,
     RolloutResult,
     RolloutSample,
     SamplingConfig,
@@ -36,6 +46,7 @@ from megatron_eopd.rollout.engine import (
     require_vllm,
 )
 from megatron_eopd.rollout.transports import encoded_bucket
+from megatron_eopd.signals import resource_tracker_pid, stop_processes
 
 WORKER_EXTENSION = "megatron_eopd.rollout.worker_extension.WeightSyncWorkerExtension"
 
@@ -51,6 +62,19 @@ GPU_MEMORY_UTILIZATION = 0.85
 # cores, so the teacher and student phases right after a rollout or a weight sync ran up to 10x
 # slower while it spun (iterations of 0.1 s took 1.05 s).  At the lowest priority it gets idle cycles only.
 CPU_ENGINE_NICENESS = 19
+# No chunked prefill on CPU.  When one engine step cannot take every waiting prompt (its token budget,
+# max_num_batched_tokens, 4,096 by default on CPU), vLLM's scheduler gives the last prompt only part
+# of its prefill.  The model runner still samples a token for that request, throws it away, and winds
+# the request's own generator back (GPUModelRunner._bookkeeping_sync in
+# vllm/v1/worker/gpu_model_runner.py: gen.set_offset(gen.get_offset() - 4)).  Every request here has
+# its own seeded generator (SamplingParams.seed: per-sample reproducibility, exact resume, results
+# independent of how prompts are split across engines), and a CPU generator (Mersenne Twister) has no
+# offset to wind back: "CPU Generator does not use offset", and the engine dies.  Without chunked
+# prefill a prompt is scheduled whole or waits for the next step, no sampled token is ever
+# discarded, and the generators only advance once per kept token; vLLM then raises the step budget
+# to at least max_model_len itself (vLLM-CPU does the same for MLA models).  GPUs keep chunked
+# prefill: their Philox generators can be wound back.
+CPU_ENABLE_CHUNKED_PREFILL = False
 
 
 def _vllm_on_cpu() -> bool:
@@ -67,7 +91,15 @@ def platform_engine_defaults(config: RolloutConfig) -> dict:
     if _vllm_on_cpu():
         if config.sleep_between_phases:
             raise ValueError("rollout.sleep_between_phases=true needs vLLM on a GPU (vLLM-CPU has no sleep mode)")
-        return {"gpu_memory_utilization": config.gpu_memory_utilization or CPU_GPU_MEMORY_UTILIZATION}
+        budget, length = config.max_num_batched_tokens, config.max_model_len
+        if budget is not None and length is not None and budget < length:
+            raise RolloutEngineError(
+                f"the vLLM-CPU engine cannot start with max_num_batched_tokens={budget} below max_model_len={length}: "
+                "it runs without chunked prefill (per-request seeds need that on CPU), so one engine step must "
+                "hold a whole sequence"
+            )
+        return {"gpu_memory_utilization": config.gpu_memory_utilization or CPU_GPU_MEMORY_UTILIZATION,
+                "enable_chunked_prefill": CPU_ENABLE_CHUNKED_PREFILL}
     # On GPUs the engine shares the devices with training: it sleeps (weights offloaded, KV cache
     # freed) while the teacher and the student run, unless told otherwise.
     sleep = True if config.sleep_between_phases is None else config.sleep_between_phases
@@ -91,10 +123,10 @@ def platform_engine_environment(config: RolloutConfig) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": devices}
 
 
-def _child_pids() -> set[int]:
+def _child_processes() -> dict:
     import psutil  # a dependency of vLLM
 
-    return {child.pid for child in psutil.Process().children(recursive=True)}
+    return {child.pid: child for child in psutil.Process().children(recursive=True)}
 
 
 def lower_engine_priority(pids, niceness: int = CPU_ENGINE_NICENESS) -> None:
@@ -151,6 +183,151 @@ def launch_environment(updates: dict[str, str]):
                 os.environ[name] = value
 
 
+# "(EngineCore pid=12) ERROR 12-07 00:42:58 [core.py:1512] " in front of each line vLLM's processes write.
+_VLLM_LINE_PREFIX = re.compile(r"^\((?P<process>[\w.:-]+) pid=\d+\) ?(?:(?P<level>[A-Z]+) [\d-]+ [\d:.]+ \[[^\]]*\] ?)?")
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (?P<message>.+)$")
+
+
+class EngineOutput:
+    """The engine processes' stdout and stderr: passed through to this process's own, last lines kept.
+
+    vLLM's processes inherit file descriptors 1 and 2 while :meth:`capturing` is active (the engine's
+    start-up).  Each becomes a pipe that a thread copies to the original stream line by line, so the
+    console shows what it always did, and the last :attr:`TAIL_LINES` lines stay readable for
+    :meth:`cause`.  A thread ends when the engine's processes have all closed the pipe.
+    """
+
+    TAIL_LINES = 400
+    MAX_LINE = 2000  # vLLM dumps whole scheduler states in one line when a step fails
+
+    def __init__(self) -> None:
+        self._lines: collections.deque[str] = collections.deque(maxlen=self.TAIL_LINES)
+        self._count = 0  # lines seen so far, including those that left the deque
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    @contextlib.contextmanager
+    def capturing(self):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        restore = []
+        try:
+            for fd in (1, 2):
+                original = os.dup(fd)
+                read_end, write_end = os.pipe()
+                os.dup2(write_end, fd)
+                os.close(write_end)
+                restore.append((fd, original))
+                thread = threading.Thread(target=self._pump, args=(read_end, os.dup(original)),
+                                          name=f"vllm-engine-output-{fd}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            yield self
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            for fd, original in restore:
+                os.dup2(original, fd)  # this process writes to its own stream again; the children keep the pipe
+                os.close(original)
+
+    def _pump(self, read_end: int, sink: int) -> None:
+        pending = b""
+        try:
+            while True:
+                try:
+                    chunk = os.read(read_end, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    try:
+                        view = view[os.write(sink, view):]
+                    except OSError:
+                        break  # our own stream is gone: keep draining the pipe so the engine never blocks
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                self._add(lines)
+            if pending:
+                self._add([pending])
+        finally:
+            os.close(read_end)
+            os.close(sink)
+
+    def _add(self, lines) -> None:
+        with self._lock:
+            for line in lines:
+                self._lines.append(line[: self.MAX_LINE].decode(errors="replace").rstrip("\r"))
+                self._count += 1
+
+    def mark(self) -> int:
+        """A position in the output: :meth:`cause` looks only at what follows it."""
+        with self._lock:
+            return self._count
+
+    def lines_since(self, mark: int) -> list[str]:
+        with self._lock:
+            skip = max(0, len(self._lines) - (self._count - mark))
+            return list(self._lines)[skip:]
+
+    def cause(self, mark: int = 0, *, wait_s: float = 3.0) -> Optional[str]:
+        """What an engine process reported after ``mark``: a process that died ("Worker proc ... died
+        unexpectedly (exit code: -9)", logged before the exception it leads to), else the first
+        exception (the root cause: a worker logs its own before the engine core reports the worker's
+        failure), else the last ERROR line.
+
+        The engine core writes its report before the client learns that it died, but the threads may
+        not have copied it yet: wait up to ``wait_s`` for an exception line to arrive.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            exception, error = self._find(self.lines_since(mark))
+            if exception or time.monotonic() >= deadline or not any(t.is_alive() for t in self._threads):
+                return exception or error
+            time.sleep(0.05)
+
+    @staticmethod
+    def _find(lines: list[str]) -> tuple[Optional[str], Optional[str]]:
+        error = None
+        for line in lines:
+            prefix = _VLLM_LINE_PREFIX.match(line)
+            text = (line[prefix.end():] if prefix else line).strip()
+            is_error = bool(prefix and prefix["level"] in ("ERROR", "CRITICAL") and text)
+            if is_error and " died" in text:
+                return text, text
+            found = _EXCEPTION_LINE.match(text)
+            if found and not found["type"].endswith("EngineDeadError"):
+                return f"{found['type'].rsplit('.', 1)[-1]}: {found['message'].strip()}", error
+            if is_error:
+                error = text
+        return None, error
+
+
+def _is_engine_dead(exc: BaseException) -> bool:
+    # vllm.v1.engine.exceptions.EngineDeadError, matched by name: its module has moved between releases.
+    return any(cls.__name__ == "EngineDeadError" for cls in type(exc).__mro__)
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _owner() -> str:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return f"rank {dist.get_rank()}"
+    return f"process {os.getpid()}"
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """A ``vllm.LLM`` serving the student, with weight updates through :data:`WORKER_EXTENSION`.
 
@@ -174,19 +351,57 @@ class VLLMRolloutEngine(RolloutEngine):
         )
         if config.max_model_len is not None:
             engine_args["max_model_len"] = config.max_model_len
+        if config.max_num_batched_tokens is not None:
+            engine_args["max_num_batched_tokens"] = config.max_num_batched_tokens
         engine_args.update(platform_engine_defaults(config))
         self.sleep_mode = bool(engine_args.get("enable_sleep_mode", False))
         self.asleep = False
         self.engine_args = engine_args
         self.environment = platform_engine_environment(config)
-        before = _child_pids()
-        with launch_environment(self.environment):
-            self.llm = vllm.LLM(**engine_args)
+        self.output = EngineOutput()
+        self.llm = None
+        before = _child_processes()
+        try:
+            with launch_environment(self.environment), self.output.capturing():
+                self.llm = vllm.LLM(**engine_args)
+        except BaseException as exc:
+            stop_processes([p for pid, p in _child_processes().items() if pid not in before])
+            if isinstance(exc, RuntimeError):  # vLLM: "Engine core initialization failed. See root cause above."
+                raise RolloutEngineError(self._failure("failed to start", exc)) from exc
+            raise
+        # The processes this engine started (engine core, workers), kept to stop what vLLM's own shutdown
+        # leaves behind (:meth:`close`); psutil's handles know their start times, so a reused pid is safe.
+        # The resource tracker that multiprocessing starts with the first of them belongs to this process.
+        self._processes = [p for pid, p in _child_processes().items()
+                           if pid not in before and pid != resource_tracker_pid()]
         self._vllm = vllm
-        # The processes this engine started (engine core, workers); on CPU they yield to training.
-        self.engine_pids = sorted(_child_pids() - before)
-        if _vllm_on_cpu():
+        self._healthy_mark = self.output.mark()  # the engine's output up to here is its start-up
+        self.engine_pids = sorted(p.pid for p in self._processes)
+        if _vllm_on_cpu():  # on CPU they yield to training
             lower_engine_priority(self.engine_pids)
+
+    def _failure(self, what: str, exc: BaseException, mark: int = 0) -> str:
+        cause = self.output.cause(mark)
+        if cause is None:
+            gone = [p.pid for p in getattr(self, "_processes", []) if not _running(p)]
+            cause = (f"engine process(es) {gone} ended without a report (killed? e.g. out of memory)" if gone
+                     else f"{type(exc).__name__}: {exc}")
+        return (f"the vLLM rollout engine of {_owner()} (model {self.model_dir}) {what}: {cause} "
+                "(the engine's own log is above)")
+
+    @contextlib.contextmanager
+    def _engine_call(self, what: str):
+        """A dead engine core becomes a :class:`RolloutEngineError` naming the engine and the cause."""
+        if self.llm is None:
+            raise RolloutEngineError(f"the vLLM rollout engine of {_owner()} (model {self.model_dir}) is closed")
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - only a dead engine is translated
+            if not _is_engine_dead(exc):
+                raise
+            # The cause may have been logged before this call began (a worker killed between calls).
+            raise RolloutEngineError(self._failure(f"died while {what}", exc, self._healthy_mark)) from exc
+        self._healthy_mark = self.output.mark()
 
     # ------------------------------------------------------------------ sampling
 
@@ -212,7 +427,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self.wake_up()
         inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
         params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
-        outputs = self.llm.generate(inputs, params, use_tqdm=self._show_progress(show_progress))
+        with self._engine_call(f"sampling {len(prompts)} prompts x {sampling.n}"):
+            outputs = self.llm.generate(inputs, params, use_tqdm=self._show_progress(show_progress))
         results = []
         for prompt, out in zip(prompts, outputs):
             samples = []
@@ -228,7 +444,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self.wake_up()
         params = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         inputs = [{"prompt_token_ids": [int(t) for t in s]} for s in sequences]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        with self._engine_call(f"scoring {len(sequences)} sequences"):
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
         scored = []
         for seq, out in zip(sequences, outputs):
             # prompt_logprobs[0] is None (nothing precedes the first token).
@@ -258,20 +475,21 @@ class VLLMRolloutEngine(RolloutEngine):
             sent["bytes"] += bucket_bytes
             sent["buckets"] += 1
 
-        self.llm.collective_rpc("eopd_begin_weight_update")
-        try:
-            for name, tensor in named_tensors:
-                bucket.append((name, tensor))
-                bucket_bytes += tensor.numel() * tensor.element_size()
-                if bucket_bytes >= bucket_limit:
+        with self._engine_call("loading new weights"):
+            self.llm.collective_rpc("eopd_begin_weight_update")
+            try:
+                for name, tensor in named_tensors:
+                    bucket.append((name, tensor))
+                    bucket_bytes += tensor.numel() * tensor.element_size()
+                    if bucket_bytes >= bucket_limit:
+                        flush()
+                        bucket, bucket_bytes = [], 0
+                if bucket:
                     flush()
-                    bucket, bucket_bytes = [], 0
-            if bucket:
-                flush()
-        finally:
-            # Always finish: a half-open layer-wise reload would leave layers on the meta device.
-            not_updated = self.llm.collective_rpc("eopd_finish_weight_update")[0]
-        self.llm.reset_prefix_cache()
+            finally:
+                # Always finish: a half-open layer-wise reload would leave layers on the meta device.
+                not_updated = self.llm.collective_rpc("eopd_finish_weight_update")[0]
+            self.llm.reset_prefix_cache()
         return WeightLoadReport(
             "memory",
             sent["tensors"],
@@ -289,8 +507,9 @@ class VLLMRolloutEngine(RolloutEngine):
             raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
         start = time.perf_counter()
         self.wake_up()
-        not_updated = self.llm.collective_rpc("eopd_reload_from_dir", args=(str(hf_dir),))[0]
-        self.llm.reset_prefix_cache()
+        with self._engine_call(f"reloading its weights from {hf_dir}"):
+            not_updated = self.llm.collective_rpc("eopd_reload_from_dir", args=(str(hf_dir),))[0]
+            self.llm.reset_prefix_cache()
         num_bytes = sum(f.stat().st_size for f in files)
         num_tensors = _count_safetensors(files)
         return WeightLoadReport(
@@ -321,15 +540,24 @@ class VLLMRolloutEngine(RolloutEngine):
         return self.llm.collective_rpc("eopd_parameter_checksum")[0]
 
     def close(self) -> None:
+        """Stop the engine's processes: vLLM's own shutdown, then whatever it left running.
+
+        vLLM's shutdown SIGTERMs the engine core and waits for it; when the trainer is being stopped
+        itself (a signal mid-call) or the engine has died, processes can outlive it, so every process
+        the engine started gets SIGTERM, a grace period and SIGKILL (:func:`megatron_eopd.signals.stop_processes`).
+        """
         llm = getattr(self, "llm", None)
         if llm is None:
             return
         self.llm = None
-        # The engine core runs in its own process; stop it now rather than at garbage collection.
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None and callable(getattr(core, "shutdown", None)):
-            core.shutdown()
-        del llm
+        try:
+            # The engine core runs in its own process; stop it now rather than at garbage collection.
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if core is not None and callable(getattr(core, "shutdown", None)):
+                core.shutdown()
+        finally:
+            del llm
+            stop_processes(getattr(self, "_processes", []))
 
 
 def _count_safetensors(files) -> int:
