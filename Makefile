@@ -8,7 +8,7 @@ STAMP := $(VENV)/.eopd-installed
 PYTEST_ARGS ?=
 REPLICATE_ARGS ?=
 
-.PHONY: venv test run replicate bench clean test-mcore-latest test-gpu gpu-wheels test-gpu-twin
+.PHONY: venv test run replicate bench clean test-mcore-latest test-gpu gpu-wheels gpu-check test-gpu-twin
 
 venv: $(STAMP)
 
@@ -62,11 +62,13 @@ GPU_SITE ?= /tmp/eopd-gpu-site
 BENCH_LOSS_ARGS ?= --tokens 8192,16384,32768,65536
 BENCH_MODEL_ARGS ?=
 BENCH_TRANSPORT_ARGS ?= --models 0.6b,4b --repeats 2
-GPU_TESTS ?= tests/test_gpu_path_rules.py tests/test_multirank_harness.py tests/test_platform.py \
-	tests/test_config.py tests/test_qwen3_architecture.py tests/test_convert_tools.py tests/test_qwen3_multirank.py \
-	tests/test_objective_units.py tests/test_objective_reference.py tests/test_examples.py tests/test_bench_loss.py \
-	tests/test_triton_kernels.py tests/test_bench_model.py tests/test_activation_recompute.py tests/test_weight_transports.py \
-	tests/test_bench_weight_transport.py
+# In priority order (gpu-check's last stage runs them in this order until its cap): CUDA-path checks first,
+# the Triton interpreter rerun (CPU work) last.
+GPU_TESTS ?= tests/test_gpu_path_rules.py tests/test_qwen3_multirank.py tests/test_attention_sdpa.py \
+	tests/test_platform.py tests/test_convert_tools.py tests/test_weight_transports.py tests/test_examples.py \
+	tests/test_objective_reference.py tests/test_activation_recompute.py tests/test_bench_weight_transport.py \
+	tests/test_bench_loss.py tests/test_bench_model.py tests/test_multirank_harness.py tests/test_config.py \
+	tests/test_qwen3_architecture.py tests/test_objective_units.py tests/test_triton_kernels.py
 test-gpu:
 	$(GPU_PYTHON) -c "import sys, torch; assert sys.version_info >= (3, 12), sys.version; \
 		assert torch.cuda.is_available(), 'test-gpu needs a CUDA device'; print('torch', torch.__version__)"
@@ -77,6 +79,12 @@ test-gpu:
 	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_loss.py --device cuda $(BENCH_LOSS_ARGS) --kernels torch,triton
 	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_model.py --device cuda $(BENCH_MODEL_ARGS)
 	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_weight_transport.py --device cuda $(BENCH_TRANSPORT_ARGS)
+
+# test-gpu cut to fit one short lease (tools/gpu_check.sh): stages in priority order, each under its own time
+# cap, each writing its file to $$OUT (else outputs/gpu-check) as it ends.  On a machine without CUDA it
+# rehearses the same stages on their CPU paths (e.g. GPU_PYTHON=$(VENV_TWIN)/bin/python).
+gpu-check:
+	GPU_PYTHON=$(GPU_PYTHON) WHEELS=$(WHEELS) GPU_SITE=$(GPU_SITE) GPU_TESTS="$(GPU_TESTS)" bash tools/gpu_check.sh
 
 # The megatron-core wheel the lent GPU image lacks (it has no network): fetched here, carried there as .whl/.
 gpu-wheels: $(WHEELS)/.fetched
