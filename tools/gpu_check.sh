@@ -78,7 +78,10 @@ stage_install() {
     "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__)"
     local pip=("$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE")
     "${pip[@]}" "$WHEELS"/megatron_core-*.whl
+    # pip builds the project in the checkout; a build/ left from an earlier run could add stale modules.
+    rm -rf build
     "${pip[@]}" --no-build-isolation .
+    rm -rf build
     # From another directory, so that the imports below come from $SITE and not from the checkout.
     (cd / && PYTHONPATH="$SITE" "$PY" - <<'EOF'
 import importlib.metadata as md, sys, time
