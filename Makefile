@@ -8,7 +8,7 @@ STAMP := $(VENV)/.eopd-installed
 PYTEST_ARGS ?=
 REPLICATE_ARGS ?=
 
-.PHONY: venv test run replicate bench clean test-mcore-latest test-gpu
+.PHONY: venv test run replicate bench clean test-mcore-latest test-gpu gpu-wheels gpu-check test-gpu-twin
 
 venv: $(STAMP)
 
@@ -62,11 +62,13 @@ GPU_SITE ?= /tmp/eopd-gpu-site
 BENCH_LOSS_ARGS ?= --tokens 8192,16384,32768,65536
 BENCH_MODEL_ARGS ?=
 BENCH_TRANSPORT_ARGS ?= --models 0.6b,4b --repeats 2
-GPU_TESTS ?= tests/test_gpu_path_rules.py tests/test_multirank_harness.py tests/test_platform.py \
-	tests/test_config.py tests/test_qwen3_architecture.py tests/test_convert_tools.py tests/test_qwen3_multirank.py \
-	tests/test_objective_units.py tests/test_objective_reference.py tests/test_examples.py tests/test_bench_loss.py \
-	tests/test_triton_kernels.py tests/test_bench_model.py tests/test_activation_recompute.py tests/test_weight_transports.py \
-	tests/test_bench_weight_transport.py
+# In priority order (gpu-check's last stage runs them in this order until its cap): CUDA-path checks first,
+# the Triton interpreter rerun (CPU work) last.
+GPU_TESTS ?= tests/test_gpu_path_rules.py tests/test_qwen3_multirank.py tests/test_attention_sdpa.py \
+	tests/test_platform.py tests/test_convert_tools.py tests/test_weight_transports.py tests/test_examples.py \
+	tests/test_objective_reference.py tests/test_activation_recompute.py tests/test_bench_weight_transport.py \
+	tests/test_bench_loss.py tests/test_bench_model.py tests/test_multirank_harness.py tests/test_config.py \
+	tests/test_qwen3_architecture.py tests/test_objective_units.py tests/test_triton_kernels.py
 test-gpu:
 	$(GPU_PYTHON) -c "import sys, torch; assert sys.version_info >= (3, 12), sys.version; \
 		assert torch.cuda.is_available(), 'test-gpu needs a CUDA device'; print('torch', torch.__version__)"
@@ -78,5 +80,39 @@ test-gpu:
 	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_model.py --device cuda $(BENCH_MODEL_ARGS)
 	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) tools/bench_weight_transport.py --device cuda $(BENCH_TRANSPORT_ARGS)
 
+# test-gpu cut to fit one short lease (tools/gpu_check.sh): stages in priority order, each under its own time
+# cap, each writing its file to $$OUT (else outputs/gpu-check) as it ends.  On a machine without CUDA it
+# rehearses the same stages on their CPU paths (e.g. GPU_PYTHON=$(VENV_TWIN)/bin/python).
+gpu-check:
+	GPU_PYTHON=$(GPU_PYTHON) WHEELS=$(WHEELS) GPU_SITE=$(GPU_SITE) GPU_TESTS="$(GPU_TESTS)" bash tools/gpu_check.sh
+
+# The megatron-core wheel the lent GPU image lacks (it has no network): fetched here, carried there as .whl/.
+gpu-wheels: $(WHEELS)/.fetched
+$(WHEELS)/.fetched:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d $(WHEELS) megatron-core==0.19.2
+	touch $@
+
+# A CPU twin of the lent GPU image: its Python and versions (torch 2.11 from PyPI, a CUDA build that runs on
+# CPU; Triton 3.6; transformers 5.17; megatron-core 0.19.2 from the same wheel), and only the packages it has.
+# It runs GPU_TESTS on CPU/gloo (CUDA-only checks skip) and the Triton interpreter tests, so drift between
+# these versions and the CPU lock shows up here, not in the lease.  Not part of CI (several GB).
+VENV_TWIN := .venv-gpu-twin
+TWIN_STAMP := $(VENV_TWIN)/.eopd-twin-installed
+GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 tokenizers==0.23.2 safetensors==0.8.0 \
+	huggingface_hub==1.33.0 numpy==2.5.2 pyyaml==6.0.3 pytest==9.1.1 tqdm==4.70.1 einops==0.8.2 rich packaging psutil \
+	absl-py setuptools wheel
+$(TWIN_STAMP): $(WHEELS)/.fetched
+	$(PYTHON312) -m venv $(VENV_TWIN)
+	$(VENV_TWIN)/bin/python -m pip install -q $(GPU_IMAGE_PINS)
+	$(VENV_TWIN)/bin/python -m pip install -q --no-index --no-deps $(WHEELS)/megatron_core-0.19.2-*.whl
+	$(VENV_TWIN)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(VENV_TWIN)/bin/python -c "import sys, torch, triton, transformers, megatron.core as m; \
+		print('twin ok: python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, \
+		'| transformers', transformers.__version__, '| megatron-core', m.__version__)"
+	touch $@
+test-gpu-twin: $(TWIN_STAMP)
+	EOPD_MULTIRANK_DEVICE=cpu $(VENV_TWIN)/bin/python -m pytest $(GPU_TESTS) -k "not modelopt" $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache
+	rm -rf $(VENV) $(VENV_LATEST) $(VENV_TWIN) .pytest_cache

@@ -242,8 +242,13 @@ def run(args):
     for tokens in args.tokens:
         inputs = make_inputs(tokens, args.vocab, dtype, device)
         impls = implementations(args.kernels)
-        measured = {name: _measure(name, step, inputs, cfg, device, args.repeats, warm_up=tokens == args.tokens[0])
-                    for name, step in impls.items()}
+        measured = {}
+        for name, step in impls.items():
+            m = _measure(name, step, inputs, cfg, device, args.repeats, warm_up=tokens == args.tokens[0])
+            measured[name] = m
+            # As it happens, so that a run stopped by a time limit still shows what it measured.
+            what = f"{m[0]:.1f} ms, peak {m[1] / 2**20:.0f} MiB" if m else "out of memory"
+            print(f"[bench_loss] {tokens} tokens, {name}: {what}", file=sys.stderr, flush=True)
         floor_ms = None
         if bandwidth:
             floor_ms = 2 * tokens * args.vocab * inputs[0].element_size() / (bandwidth * 1e9) * 1e3

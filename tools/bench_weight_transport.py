@@ -122,6 +122,9 @@ def bench_model(name: str, args) -> list[dict]:
         seconds = statistics.median(times)
         rows.append(dict(model=name, transport=transport, gib=num_bytes / GIB, seconds=seconds,
                          rate=num_bytes / GIB / seconds, match=received == expected))
+        # As it happens, so that a run stopped by a time limit still shows what it measured.
+        print(f"[bench_weight_transport] {name} {transport}: {seconds:.3f} s, {rows[-1]['rate']:.2f} GiB/s",
+              file=sys.stderr, flush=True)
     return rows
 
 

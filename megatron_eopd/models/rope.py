@@ -31,9 +31,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megatron_eopd.platform import mcore_compat
+from megatron_eopd.platform import mcore_compat, triton_compat
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+if INTERPRETED:
+    triton_compat.fix_interpreter_index()
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_HEADS = 4
 # Explicit, as the loss kernels' (Triton 3.9 warns that the fp-fusion default will change); 4 warps is Triton's default.

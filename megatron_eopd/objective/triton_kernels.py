@@ -28,7 +28,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from megatron_eopd.platform import triton_compat
+
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+if INTERPRETED:
+    triton_compat.fix_interpreter_index()
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_TOPK = 32
 # Launch shapes: first guesses, to be tuned on a GPU.  Tile widths are vocabulary entries (powers
@@ -335,7 +339,7 @@ def softmax_backward(
 
 class SummaryPartials(NamedTuple):
     """One shard's per-row summary partials (fp32 unless noted); ``topk`` slots are padded to a
-    power of two, the slots past min(k, V/TP) are not candidates."""
+    power of two (at least 2), the slots past min(k, V/TP) are not candidates."""
 
     max: Tensor  # [n]
     sums: Tensor  # [n, 2] (S, A)
@@ -359,7 +363,8 @@ def summary_partials(
     if not 0 <= topk <= MAX_TOPK:
         raise ValueError(f"the top-k kernel takes k <= {MAX_TOPK}, got {topk}")
     n, shard_size = rows.numel(), logits.shape[1]
-    slots = triton.next_power_of_2(topk) if topk else 0
+    # At least 2: Triton 3.6's tl.topk(x, 1) reduces x to a 0-d value and fails to build (3.9 fixed it).
+    slots = max(2, triton.next_power_of_2(topk)) if topk else 0
     new = lambda *shape, dtype=torch.float32: logits.new_empty(*shape, dtype=dtype)  # noqa: E731
     out = SummaryPartials(
         new(n),
