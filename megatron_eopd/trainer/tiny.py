@@ -190,7 +190,10 @@ class TinyRun:
                                               f"teacher.hf_dir={self.teacher_dir}", *overrides])
 
     def distil(self, overrides: list[str]) -> list[dict]:
-        return train(self.distil_config(overrides))
+        """Run (or resume) the EOPD run; returns every iteration's metrics, those before a resume included."""
+        train(self.distil_config(overrides))
+        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
 
     def evaluate(self, model_dir: Path, label: str, *, engine: str = "hf") -> dict:
         """Avg@k and Pass@k of sampled answers on held-out problems, sampled as the paper evaluates."""
