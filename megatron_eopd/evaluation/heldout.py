@@ -33,6 +33,9 @@ class HeldoutSettings:
     max_tokens: int = 96
     seed: int = 2026
     engine: str = "hf"
+    # The transformers sampler decodes this many prompts together (the tiny models' prompts are a few
+    # dozen tokens: one at a time, Python overhead per decoding step dominated the evaluation).
+    hf_prompt_batch: int = 64
 
 
 def evaluate_heldout(model_dir: Path, settings: HeldoutSettings, output: Optional[Path] = None) -> dict:
@@ -54,7 +57,7 @@ def evaluate_heldout(model_dir: Path, settings: HeldoutSettings, output: Optiona
                                     max_tokens=settings.max_tokens, seed=settings.seed, stop_token_ids=stops)
     engine_config = RolloutConfig(engine=settings.engine, sampling=sampling, dtype="float32", enforce_eager=True,
                                   max_model_len=512, seed=settings.seed, show_progress=False,
-                                  sleep_between_phases=False)
+                                  sleep_between_phases=False, hf_prompt_batch=settings.hf_prompt_batch)
     with create_rollout_engine(engine_config, model_dir) as engine:
         batch = engine.generate(prompts, sampling)
     graded = runner.grade_generations([benchmark], batch.results, tokenizer)

@@ -205,7 +205,10 @@ class RolloutConfig:
     ``sync_bucket_mb``, each crossing into the engine by ``sync_transport`` (``"ipc"``: a handle to one
     shared buffer, CUDA IPC on GPUs and ``/dev/shm`` on CPU; ``"bytes"``: the tensors inside the RPC
     message; ``"auto"``: IPC unless ``/dev/shm`` lacks room for a CPU bucket); ``"disk"`` writes a
-    HF directory under ``sync_dir`` (shared disk) and has the engine reload it.
+    HF directory under ``sync_dir`` (shared disk) and has the engine reload it.  ``hf_prompt_batch``:
+    prompts the HF fallback decodes together (1: each alone, so a prompt's samples do not depend on
+    its neighbours' lengths; more is several times faster for many short prompts, the samples then
+    depend on the batch up to floating-point rounding).
     """
 
     engine: EngineName = "vllm"
@@ -224,6 +227,7 @@ class RolloutConfig:
     sync_bucket_mb: float = 512.0
     sync_transport: Literal[TRANSPORTS] = "auto"
     hf_device: str = "cpu"
+    hf_prompt_batch: int = 1
     show_progress: bool = True
     engines_per_node: int = 1
     sleep_between_phases: Optional[bool] = None
@@ -260,6 +264,8 @@ class RolloutConfig:
             raise ValueError("rollout.weight_sync='disk' needs rollout.sync_dir (a directory on shared disk)")
         if self.engines_per_node < 1:
             raise ValueError(f"rollout.engines_per_node must be >= 1, got {self.engines_per_node}")
+        if self.hf_prompt_batch < 1:
+            raise ValueError(f"rollout.hf_prompt_batch must be >= 1, got {self.hf_prompt_batch}")
         if self.sync_transport not in TRANSPORTS:
             raise ValueError(f"rollout.sync_transport must be one of {list(TRANSPORTS)}, got {self.sync_transport!r}")
         if not self.sync_bucket_mb > 0:

@@ -2,7 +2,9 @@
 
 Used only when ``rollout.engine="hf"`` is configured (never as a silent substitute for vLLM), so
 that the pipeline runs where vLLM is missing and the engine interface stays tested there.  Token by
-token with a KV cache, the ``n`` samples of a prompt decoded together.
+token with a KV cache, the ``n`` samples of a prompt decoded together, and with
+``rollout.hf_prompt_batch`` > 1 several prompts too (left-padded): each prompt still samples from its
+own seeded generator, so only the floating-point rounding of the batched forward can differ.
 """
 
 from __future__ import annotations
@@ -70,23 +72,83 @@ class HFRolloutEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ sampling
 
+    def _stops_and_budget(self, prompt_len: int, sampling: SamplingConfig) -> tuple[set[int], int]:
+        max_new = sampling.max_tokens
+        if self.config.max_model_len is not None:
+            max_new = min(max_new, self.config.max_model_len - prompt_len)
+        return self.eos_token_ids | set(sampling.stop_token_ids), max(max_new, 0)
+
+    def _generator(self, seed: Optional[int]) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return generator
+
+    @torch.no_grad()
+    def _sample_prompts(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[Optional[int]]
+    ) -> list[list[RolloutSample]]:
+        """``sampling.n`` samples of each prompt, all rows decoded together; prompt ``i`` draws its
+        rows' tokens from a generator seeded with ``seeds[i]``, as a prompt decoded alone does."""
+        n = sampling.n
+        rows = [(i, prompt) for i, prompt in enumerate(prompts) for _ in range(n)]
+        width = max(len(p) for p in prompts)
+        budgets = [self._stops_and_budget(len(p), sampling) for p in prompts]
+        generators = [self._generator(seed) for seed in seeds]
+        # Left padding puts every row's next token in the last column; the mask hides the padding and
+        # positions count real tokens only, so a row computes what it would alone (up to rounding).
+        pad = 0
+        ids = torch.tensor([[pad] * (width - len(p)) + p for _, p in rows], dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for _, p in rows], dtype=torch.long,
+                            device=self.device)
+        tokens: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        finished = [False] * len(rows)
+        done = [budgets[i][1] == 0 for i, _ in rows]
+        step_input, past = ids, None
+        for step in range(max(b for _, b in budgets)):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
+            out = self.model(input_ids=step_input, attention_mask=mask, position_ids=positions,
+                             past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            raw = torch.log_softmax(logits, dim=-1)
+            if sampling.temperature == 0:
+                choice, reported = logits.argmax(dim=-1), raw
+            else:
+                processed = torch.log_softmax(_top_p_filter(logits / sampling.temperature, sampling.top_p), dim=-1)
+                probs = processed.exp()
+                choice = torch.cat([torch.multinomial(probs[i * n:(i + 1) * n], 1, generator=generators[i])
+                                    for i in range(len(prompts))]).squeeze(-1)
+                reported = processed if self.config.logprobs_mode == "processed" else raw
+            picked = reported.gather(-1, choice[:, None]).squeeze(-1)
+            chosen, chosen_logprobs = choice.tolist(), picked.tolist()
+            for row, (i, _) in enumerate(rows):
+                if done[row]:
+                    continue
+                tokens[row].append(chosen[row])
+                logprobs[row].append(chosen_logprobs[row])
+                finished[row] = chosen[row] in budgets[i][0]
+                done[row] = finished[row] or len(tokens[row]) >= budgets[i][1]
+            if all(done):
+                break
+            step_input = choice[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        samples = [RolloutSample(tokens[r], logprobs[r], "stop" if finished[r] else "length") for r in range(len(rows))]
+        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+
     @torch.no_grad()
     def _sample_prompt(
         self, prompt: list[int], sampling: SamplingConfig, seed: Optional[int]
     ) -> list[RolloutSample]:
         n = sampling.n
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        stop = self.eos_token_ids | set(sampling.stop_token_ids)
-        max_new = sampling.max_tokens
-        if self.config.max_model_len is not None:
-            max_new = min(max_new, self.config.max_model_len - len(prompt))
+        generator = self._generator(seed)
+        stop, max_new = self._stops_and_budget(len(prompt), sampling)
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         finished = [False] * n
         step_input = torch.tensor([prompt] * n, dtype=torch.long, device=self.device)
         past = None
-        for _ in range(max(max_new, 0)):
+        for _ in range(max_new):
             out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()
@@ -131,12 +193,18 @@ class HFRolloutEngine(RolloutEngine):
             unit="sample",
             disable=not self._show_progress(show_progress),
         )
+        prompts = [[int(t) for t in prompt] for prompt in prompts]
+        step = self.config.hf_prompt_batch
         with bar:
-            for i, prompt in enumerate(prompts):
-                prompt = [int(t) for t in prompt]
-                samples = self._sample_prompt(prompt, sampling, sampling.request_seed(i))
-                results.append(RolloutResult(prompt, samples))
-                bar.update(sampling.n)
+            for start in range(0, len(prompts), step):
+                group = prompts[start:start + step]
+                seeds = [sampling.request_seed(start + i) for i in range(len(group))]
+                if step == 1:
+                    decoded = [self._sample_prompt(group[0], sampling, seeds[0])]
+                else:
+                    decoded = self._sample_prompts(group, sampling, seeds)
+                results += [RolloutResult(prompt, samples) for prompt, samples in zip(group, decoded)]
+                bar.update(sampling.n * len(group))
         return RolloutBatch(results)
 
     @torch.no_grad()
