@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     from megatron_eopd.trainer.cli import EXIT_BAD_INPUT, EXIT_ENGINE_FAILED
 
     log_path = args.run_dir / "logs" / "run_tiny.log"
-    console.say(f"run directory {args.run_dir}/; library and engine logs go to {log_path}")
     with stop_on_signals() as stop:
         try:
             _run(args, log_path, start)
@@ -75,6 +74,7 @@ def _run(args, log_path: Path, start: float) -> None:
     from megatron_eopd.trainer.tiny import DEFAULT_SEED, TinyRun, demo_summary
 
     with console.capture_output(log_path, prog="run_tiny"):
+        console.say(f"run directory {args.run_dir}/; library and engine logs go to {log_path}")
         tiny = TinyRun(args.run_dir, seed=DEFAULT_SEED if args.seed is None else args.seed,
                        teacher_sft_iterations=args.teacher_sft_iterations,
                        student_sft_iterations=args.student_sft_iterations, log=console.say)
