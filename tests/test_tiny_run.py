@@ -124,3 +124,10 @@ def test_bad_overrides_fail_before_any_preparation(tmp_path):
     assert proc.returncode == 2
     assert "run_tiny: error: unknown config key(s) in 'train': bogus" in proc.stderr
     assert not (tmp_path / "tiny" / "assets").exists()
+
+
+def test_models_prepared_without_a_manifest_are_not_reused(tmp_path):
+    """A run directory from before the quality gates holds models of a fixed budget: refused, not mixed in."""
+    (tmp_path / "assets" / "teacher").mkdir(parents=True)
+    with pytest.raises(PreparationError, match="without preparation.json"):
+        TinyRun(tmp_path, log=lambda line: None).prepare()

@@ -52,8 +52,8 @@ class PreparationError(EOPDError):
 class QualityGate:
     """SFT in rounds of ``round_iterations`` until validation Avg@4 reaches ``target``.
 
-    ``ceiling`` (students): a round that lands above it is undone - the previous round is kept -
-    so the student base keeps room to improve.  ``max_iterations`` bounds the preparation.
+    ``ceiling`` (students): a round that jumps past it is undone - the round before is kept, even
+    below the target - so the student base keeps room to improve.  ``max_iterations`` bounds the preparation.
     """
 
     target: float
@@ -103,6 +103,10 @@ class TinyRun:
     def _check_manifest(self) -> dict:
         path = self.assets / MANIFEST
         manifest = json.loads(path.read_text()) if path.is_file() else {}
+        if not manifest and (self.teacher_dir.is_dir() or self.student_base_dir.is_dir()):
+            raise PreparationError(
+                f"{self.assets} holds models without {MANIFEST} (prepared by an earlier version, for a fixed "
+                f"budget): use another --run-dir, or delete {self.assets} to prepare them again")
         if manifest and manifest.get("recipe") != self._recipe():
             raise PreparationError(
                 f"{self.assets} holds models prepared another way ({manifest.get('recipe')}), not as asked "
@@ -138,7 +142,7 @@ class TinyRun:
             shutil.copytree(work / "final_hf", out_dir)
             return {"iterations": iterations, "rounds": []}
         rounds: list[dict] = []
-        kept = None  # the last round's model below the ceiling
+        previous = work / "previous_hf"  # the round before, kept aside where a ceiling may undo a round
         iterations = 0
         while True:
             iterations += gate.first_round if not rounds and gate.first_round else gate.round_iterations
@@ -147,22 +151,18 @@ class TinyRun:
             rounds.append({"iterations": iterations, "validation_avg": score})
             self.log(f"  {role} after {iterations} SFT iterations: validation Avg@{EVAL_SAMPLES} {score:.3f} "
                      f"(gate {gate.target:.2f}" + (f"-{gate.ceiling:.2f})" if gate.ceiling < 1 else ")"))
-            if score > gate.ceiling and kept is not None:
-                chosen = kept  # overshot: the previous round is inside the band's reach
-                break
             if score >= gate.target:
-                shutil.rmtree(work / "kept_hf", ignore_errors=True)
-                shutil.copytree(work / "final_hf", work / "kept_hf")
-                chosen = rounds[-1]
+                overshot = score > gate.ceiling and len(rounds) > 1
+                chosen, source = (rounds[-2], previous) if overshot else (rounds[-1], work / "final_hf")
                 break
             if iterations >= gate.max_iterations:
                 raise PreparationError(
                     f"the {role} reached validation Avg@{EVAL_SAMPLES} {score:.3f} after {iterations} SFT "
                     f"iterations, below its gate {gate.target:.2f}; rounds: {rounds}")
-            shutil.rmtree(work / "kept_hf", ignore_errors=True)
-            shutil.copytree(work / "final_hf", work / "kept_hf")
-            kept = rounds[-1]
-        shutil.copytree(work / "kept_hf", out_dir)
+            if gate.ceiling < 1:
+                shutil.rmtree(previous, ignore_errors=True)
+                shutil.copytree(work / "final_hf", previous)
+        shutil.copytree(source, out_dir)
         return {"iterations": chosen["iterations"], "validation_avg": chosen["validation_avg"], "rounds": rounds}
 
     def _sft(self, overrides: list[str], iterations: int) -> None:
