@@ -46,6 +46,8 @@ def test_transformers_loads_the_directory_as_qwen3(two_layers):
     names = set(_safetensors(two_layers))
     assert "lm_head.weight" not in names and len(names) == 1 + 2 * 11 + 1  # tied, as on the hub
     assert not (two_layers / "model.safetensors.index.json").exists()
+    # Readable as the files beside it (safetensors alone writes 0600: other users' jobs could not read it).
+    assert (two_layers / "model.safetensors").stat().st_mode == (two_layers / "config.json").stat().st_mode
     json.loads((two_layers / "generation_config.json").read_text())
 
     tokenizer = AutoTokenizer.from_pretrained(two_layers)
