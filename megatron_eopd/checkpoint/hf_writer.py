@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
@@ -35,6 +36,17 @@ def copy_side_files(src: Path, dst: Path, names: Iterable[str] = TOKENIZER_FILES
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+def _make_readable(path: Path) -> None:
+    """Give a weights file the permissions of the files beside it (``0666 & ~umask``).
+
+    safetensors 0.8 creates its files 0600; a model directory on a cluster's shared file system must
+    be readable by jobs running as other users, as its config and tokenizer files are.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def plan_shards(shapes: Mapping[str, Sequence[int]], itemsize: int, max_shard_bytes: int) -> list[list[str]]:
@@ -93,6 +105,7 @@ def write_hf_weights(
         pending.setdefault(file, {})[name] = tensor.detach().to(device="cpu", dtype=dtype).contiguous().clone()
         if len(pending[file]) == count_of[file]:
             save_file(pending.pop(file), str(out_dir / file), metadata={"format": "pt"})
+            _make_readable(out_dir / file)
             written.append(file)
         if progress is not None:
             progress.update(1)
