@@ -526,5 +526,10 @@ def test_padded_output_rows_are_never_sampled(padded_rows_dir, engine_name):
             for result in engine.generate(PROMPTS, sampling).results:
                 for sample in result.samples:
                     assert sample.token_ids and max(sample.token_ids) < 301, sample.token_ids
+        # The reported log-probs are normalised over the tokenizer's ids, as the trainer's objective is.
+        first = engine.generate([PROMPTS[0]], SamplingConfig(max_tokens=1, temperature=0.0)).results[0].samples[0]
+        expected = torch.log_softmax(logits[:301].double(), dim=-1)
+        assert first.token_ids == [int(expected.argmax())]
+        assert abs(first.logprobs[0] - float(expected.max())) < LOGPROB_ATOL
     finally:
         engine.close()
