@@ -482,3 +482,54 @@ def test_reload_fallback_warning_is_dropped_only_while_an_update_finishes(caplog
         logger.propagate = propagate
     assert [r.getMessage() for r in caplog.records if r.name == RELOAD_LOGGER] == [
         "RotaryEmbedding: something else", "ParallelLMHead: Failed to load weights"]
+
+
+# --------------------------------------------------------------------------- padded output rows
+
+
+@pytest.fixture(scope="module")
+def padded_rows_dir(tmp_path_factory):
+    """A model with 320 output rows and a 301-token tokenizer (Qwen3: 151,936 rows, 151,669 ids), whose
+    19 padded rows outscore every token: unmasked, every sampled and every greedy id is one of them."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
+
+    root = tmp_path_factory.mktemp("padded_rows")
+    tokenizer = AutoTokenizer.from_pretrained(make_tiny_qwen3(root / "tokens", vocab_size=301, num_layers=1))
+    model_dir = make_tiny_qwen3(root / "model", tokenizer=tokenizer, vocab_size=320, num_layers=1)
+    weights = load_file(model_dir / "model.safetensors")
+    weights["lm_head.weight"][301:] *= 100.0
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    return model_dir
+
+
+@pytest.mark.parametrize("engine_name", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_padded_output_rows_are_never_sampled(padded_rows_dir, engine_name):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_eopd.rollout.engine import padded_vocab_rows
+
+    if engine_name == "vllm" and not vllm_importable():
+        pytest.skip("vllm is not importable in this environment")
+    assert padded_vocab_rows(padded_rows_dir) == range(301, 320)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(padded_rows_dir, dtype=torch.float32)(
+            input_ids=torch.tensor([PROMPTS[0]])).logits[0, -1]
+    assert int(logits.argmax()) >= 301  # what an unmasked sampler picks
+    engine = create_rollout_engine(RolloutConfig(engine=engine_name, dtype="float32", enforce_eager=True,
+                                                 max_model_len=128, show_progress=False,
+                                                 sampling=SamplingConfig(max_tokens=16)), padded_rows_dir)
+    try:
+        for sampling in (SamplingConfig(n=4, max_tokens=16, seed=3), SamplingConfig(max_tokens=16, temperature=0.0)):
+            for result in engine.generate(PROMPTS, sampling).results:
+                for sample in result.samples:
+                    assert sample.token_ids and max(sample.token_ids) < 301, sample.token_ids
+        # The reported log-probs are normalised over the tokenizer's ids, as the trainer's objective is.
+        first = engine.generate([PROMPTS[0]], SamplingConfig(max_tokens=1, temperature=0.0)).results[0].samples[0]
+        expected = torch.log_softmax(logits[:301].double(), dim=-1)
+        assert first.token_ids == [int(expected.argmax())]
+        assert abs(first.logprobs[0] - float(expected.max())) < LOGPROB_ATOL
+    finally:
+        engine.close()

@@ -8,6 +8,11 @@ Log-probs returned with each sampled token are those of the *raw* model distribu
 (``logprobs_mode="raw"``, the default), whatever temperature / top-p the sampler used.  That is what
 the trainer's PPO ratio and the teacher-minus-student advantage are made of (the student's q is the
 model at temperature 1), and it lets every rollout be checked against Megatron's recomputation.
+Rows of the output layer past the tokenizer's last id (Qwen3: 151,669-151,935 of 151,936, padding
+for efficient matrix shapes) are never sampled: a trained Qwen3 gives them negligible probability,
+but a random-initialised one gives them ~0.2% of its mass, and an id no tokenizer knows decodes to
+nothing, silently.  Their logits are -inf before anything else: the reported log-probs are over the
+tokenizer's ids, as the trainer's objective and the parity probe's reference are.
 ``logprobs_mode="processed"`` returns the log-probs of the distribution actually sampled from
 (after temperature and top-p), e.g. for importance weights of the sampler itself.  At the paper's
 training settings (temperature 1, top-p 1) both are the same numbers.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +48,14 @@ class RolloutEngineError(EOPDError, RuntimeError):
 
 
 # --------------------------------------------------------------------------- sampling and results
+
+
+def padded_vocab_rows(model_dir: Union[str, Path]) -> range:
+    """The output rows of the model in ``model_dir`` past its tokenizer's last id (empty when none)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    rows = AutoConfig.from_pretrained(model_dir).vocab_size
+    return range(min(len(AutoTokenizer.from_pretrained(model_dir)), rows), rows)
 
 
 @dataclass
@@ -296,6 +310,11 @@ class RolloutEngine(abc.ABC):
     def __init__(self, config: RolloutConfig, model_dir: Union[str, Path]):
         self.config = config
         self.model_dir = Path(model_dir)
+
+    @functools.cached_property
+    def padded_rows(self) -> range:
+        """Output rows that are no token of the model's tokenizer: the samplers never pick them."""
+        return padded_vocab_rows(self.model_dir)
 
     @abc.abstractmethod
     def generate(

@@ -111,6 +111,7 @@ class HFRolloutEngine(RolloutEngine):
                              past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()
+            logits[:, self.padded_rows.start:self.padded_rows.stop] = float("-inf")
             raw = torch.log_softmax(logits, dim=-1)
             if sampling.temperature == 0:
                 choice, reported = logits.argmax(dim=-1), raw
@@ -152,6 +153,7 @@ class HFRolloutEngine(RolloutEngine):
             out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()
+            logits[:, self.padded_rows.start:self.padded_rows.stop] = float("-inf")
             raw = torch.log_softmax(logits, dim=-1)
             if sampling.temperature == 0:
                 choice = logits.argmax(dim=-1)
@@ -212,7 +214,9 @@ class HFRolloutEngine(RolloutEngine):
         scored = []
         for seq in sequences:
             ids = torch.tensor([list(seq)], dtype=torch.long, device=self.device)
-            logp = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
+            logits = self.model(input_ids=ids).logits[0].float()
+            logits[:, self.padded_rows.start:self.padded_rows.stop] = float("-inf")
+            logp = torch.log_softmax(logits, dim=-1)
             scored.append(logp[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1).cpu())
         return scored
 

@@ -377,6 +377,11 @@ class VLLMRolloutEngine(RolloutEngine):
         self._vllm = vllm
         self._healthy_mark = self.output.mark()  # the engine's output up to here is its start-up
         self.engine_pids = sorted(p.pid for p in self._processes)
+        if self.padded_rows:
+            # Not a logit bias (vLLM clamps it to -100, which an untrained row can outscore) nor
+            # allowed_token_ids (all 151,669 ids sent with every request).
+            with self._engine_call("masking the padded output rows"):
+                self.llm.collective_rpc("eopd_mask_output_rows", args=(self.padded_rows.start,))
         if _vllm_on_cpu():  # on CPU they yield to training
             lower_engine_priority(self.engine_pids)
 

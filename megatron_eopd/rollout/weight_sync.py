@@ -110,6 +110,7 @@ class WeightSyncer:
     ``engine``: the engine this rank hosts, or ``None``.  ``exporter``: streams HF-named tensors
     (default: the Qwen3 mapping's ``iter_hf_weights``).  ``architecture``: the student's
     :class:`Qwen3Arch` or HF config (default: read from the model built by ``build_qwen3_gpt``).
+    ``vocab_size``: the ids the probe draws and normalises over (default: the engine's tokenizer's).
     ``strict``: a sync that leaves any engine parameter unwritten raises :class:`WeightSyncError`
     before the probe runs.
     """
@@ -184,7 +185,9 @@ class WeightSyncer:
 
         Returns the report on engine ranks, None elsewhere.
         """
-        vocab = self.vocab_size or arch.vocab_size
+        # The engines give the padded output rows no probability: normalise over the tokenizer's ids,
+        # as they do.  Only the engine ranks' numbers are compared; the others' slice is local.
+        vocab = self.vocab_size or (self.engine.padded_rows.start if self.engine is not None else arch.vocab_size)
         lead = None
         if self.engine is not None and _global_rank() == route.lead_host:
             sequences, parity = self._probe_sequences(vocab)

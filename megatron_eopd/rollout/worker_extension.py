@@ -182,6 +182,22 @@ class WeightSyncWorkerExtension:
             not_updated = self.eopd_finish_weight_update()
         return not_updated
 
+    def eopd_mask_output_rows(self, first_padded_row: int) -> None:
+        """Set the logits of output rows ``first_padded_row`` and on to -inf, for sampling and for the
+        reported log-probs alike (a hook on the model's logits processor: it returns the gathered,
+        whole-vocabulary logits, and runs outside any CUDA graph)."""
+        processor = self._eopd_model().logits_processor
+        previous = getattr(self, "_eopd_row_mask", None)
+        if previous is not None:
+            previous.remove()
+
+        def mask(module, inputs, logits):
+            if logits is not None:
+                logits[..., first_padded_row:] = float("-inf")
+            return logits
+
+        self._eopd_row_mask = processor.register_forward_hook(mask)
+
     def eopd_parameter_checksum(self) -> float:
         """Sum of all parameters (float64): a cheap way for tests to see that weights changed."""
         model = self._eopd_model()

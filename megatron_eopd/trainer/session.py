@@ -77,6 +77,12 @@ def _check_model_dir(spec: ModelSpec, what: str) -> None:
         raise ConfigError(f"{what}.hf_dir={spec.hf_dir!r} holds no *.safetensors weights")
 
 
+def _token_count(config: EOPDTrainConfig, tokenizer) -> int:
+    """The ids the objective and the teacher statistics range over: the tokenizer's, not the output
+    layer's padded rows (Qwen3: 151,669 of 151,936), which the rollout engines never sample."""
+    return min(len(tokenizer), config.student.architecture("student").vocab_size)
+
+
 def load_tokenizer(hf_dir: str, what: str):
     from transformers import AutoTokenizer
 
@@ -176,6 +182,6 @@ def open_session(config: EOPDTrainConfig, *, resume: bool = False) -> Session:
         special=qwen3_templates.special_token_ids(tokenizer), teacher_encode=teacher_encode, stream=stream,
         student=student, teacher=teacher, fleet=fleet,
         log=MetricsLog(run_dir, tensorboard=config.logging.tensorboard, resume_from=state.iteration),
-        state=state, iterations=layout.iterations, vocab_size=config.student.architecture("student").vocab_size,
+        state=state, iterations=layout.iterations, vocab_size=_token_count(config, tokenizer),
         rollouts=RolloutLog(run_dir, resume_from=state.iteration) if config.logging.save_rollouts else None,
     )
