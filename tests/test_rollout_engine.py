@@ -333,6 +333,31 @@ def test_vllm_engine_processes_start_with_the_platform_environment(engine):
         assert name not in os.environ, f"{name} leaked into the trainer's environment"
 
 
+@pytest.mark.parametrize("death_first", [True, False])
+def test_a_killed_workers_line_is_the_cause_whichever_report_comes_first(death_first):
+    """vLLM reports a killed worker twice, in either order (seen in CI): the engine core's traceback
+    ending in the executor's generic "RuntimeError: Executor failed." and the monitor's line naming the
+    worker and its exit code.  The cause is the worker's line; a real root cause logged before it
+    (a worker's own exception) still wins."""
+    from megatron_eopd.rollout.vllm_engine import EngineOutput
+
+    core = "(EngineCore pid=12414) ERROR 12-07 06:07:26 [{}] {}"
+    generic = [core.format("core.py:1512", "EngineCore encountered a fatal error."),
+               core.format("core.py:1512", "Traceback (most recent call last):"),
+               core.format("core.py:1512", '    raise RuntimeError("Executor failed.")'),
+               core.format("core.py:1512", "RuntimeError: Executor failed.")]
+    death = [core.format("multiproc_executor.py:315",
+                         "Worker proc VllmWorker-0 died unexpectedly (exit code: -9), shutting down executor.")]
+    output = EngineOutput()
+    output._add([line.encode() for line in (death + generic if death_first else generic + death)])
+    assert output.cause(wait_s=0) == death[0].split("] ", 1)[1]
+
+    rooted = EngineOutput()
+    worker_error = "(VllmWorker-0 pid=12420) ERROR 12-07 06:07:25 [worker.py:80] MemoryError: cannot allocate"
+    rooted._add([line.encode() for line in [worker_error] + generic])
+    assert rooted.cause(wait_s=0) == "MemoryError: cannot allocate"
+
+
 def test_a_dead_engine_is_an_error_naming_the_engine_and_the_cause(engine, tiny_dir):
     """A worker killed under the engine (the out-of-memory killer's SIGKILL): the next call raises one
     RolloutEngineError naming the engine's owner, its model and the cause vLLM logged, not vLLM's

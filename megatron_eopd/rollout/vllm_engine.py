@@ -280,7 +280,8 @@ class EngineOutput:
         failure), else the last ERROR line.
 
         The engine core writes its report before the client learns that it died, but the threads may
-        not have copied it yet: wait up to ``wait_s`` for an exception line to arrive.
+        not have copied it yet: wait up to ``wait_s`` for an exception line to arrive.  The executor's
+        "Executor failed." is a consequence, not a cause: a killed worker's monitor line can follow it.
         """
         deadline = time.monotonic() + wait_s
         while True:
@@ -299,11 +300,17 @@ class EngineOutput:
             if is_error and " died" in text:
                 return text, text
             found = _EXCEPTION_LINE.match(text)
-            if found and not found["type"].endswith("EngineDeadError"):
+            if found and not found["type"].endswith("EngineDeadError") and not _is_consequence(found["message"]):
                 return f"{found['type'].rsplit('.', 1)[-1]}: {found['message'].strip()}", error
             if is_error:
                 error = text
         return None, error
+
+
+def _is_consequence(message: str) -> bool:
+    # vLLM's MultiprocExecutor raises this when it finds a worker gone; the monitor thread names the
+    # worker and its exit code in a line of its own, before or just after it.
+    return message.strip().startswith("Executor failed")
 
 
 def _is_engine_dead(exc: BaseException) -> bool:
