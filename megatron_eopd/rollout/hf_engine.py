@@ -107,8 +107,10 @@ class HFRolloutEngine(RolloutEngine):
         step_input, past = ids, None
         for step in range(max(b for _, b in budgets)):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
+            # Only the last position's logits: at Qwen3's 151,936 rows the prompt's would cost the
+            # first step prompt-length times a decode step.
             out = self.model(input_ids=step_input, attention_mask=mask, position_ids=positions,
-                             past_key_values=past, use_cache=True)
+                             past_key_values=past, use_cache=True, logits_to_keep=1)
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()
             logits[:, self.padded_rows.start:self.padded_rows.stop] = float("-inf")
@@ -150,7 +152,7 @@ class HFRolloutEngine(RolloutEngine):
         step_input = torch.tensor([prompt] * n, dtype=torch.long, device=self.device)
         past = None
         for _ in range(max_new):
-            out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
+            out = self.model(input_ids=step_input, past_key_values=past, use_cache=True, logits_to_keep=1)
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()
             logits[:, self.padded_rows.start:self.padded_rows.stop] = float("-inf")
