@@ -514,3 +514,39 @@ def test_the_fleet_returns_cached_gpu_memory_before_an_engine_starts_or_wakes(ta
         assert events[1:] == [("release", "cpu"), "wake_up", ("release", "cpu"), "sync"]
     finally:
         fleet.close()
+
+
+# --------------------------------------------------------------------------- models.py: the student's optimizer
+
+
+def test_the_students_adam_runs_fused_and_steps_as_adamw_in_float64(model_parallel, tmp_path):
+    """Megatron falls back to torch's AdamW here (no transformer-engine, no apex); the student runs
+    torch's fused kernel, and one step moves every parameter as AdamW written out in float64."""
+    from megatron_eopd.platform.mcore_compat import torch_adam_optimizers
+    from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
+    from megatron_eopd.trainer.config import ModelSpec, OptimConfig
+    from megatron_eopd.trainer.models import build_student
+
+    hf_dir = make_tiny_qwen3(tmp_path / "student", seed=3, num_layers=2)
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1, clip_grad=0.0, lr_schedule="constant")
+    student = build_student(ModelSpec(hf_dir=str(hf_dir)), torch.float32, optim, total_steps=4)
+    inner = torch_adam_optimizers(student.optimizer)
+    assert inner and all(group["fused"] for opt in inner for group in opt.param_groups)
+    decay = {id(p): group["weight_decay"] for opt in inner for group in opt.param_groups for p in group["params"]}
+    assert sorted(set(decay.values())) == [0.0, 0.1]  # Megatron keeps norms and biases out of the decay
+
+    gen = torch.Generator().manual_seed(0)
+    params = [p for chunk in student.chunks for p in chunk.parameters()]
+    before = {id(p): p.detach().double().clone() for p in params}
+    grads = {id(p): torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params}
+    student.optimizer.zero_grad()
+    for p in params:
+        p.main_grad.copy_(grads[id(p)])  # Megatron's fp32 gradient buffer, as backward leaves it
+    student.optimizer.step()
+
+    b1, b2, eps, lr = optim.adam_beta1, optim.adam_beta2, optim.adam_eps, optim.lr
+    for p in params:
+        g = grads[id(p)]
+        m_hat, v_hat = (1 - b1) * g / (1 - b1), (1 - b2) * g * g / (1 - b2)
+        expected = before[id(p)] * (1 - lr * decay[id(p)]) - lr * m_hat / (v_hat.sqrt() + eps)
+        assert torch.allclose(p.detach().double(), expected, rtol=0, atol=1e-6), p.shape

@@ -20,6 +20,7 @@ import torch
 from megatron_eopd.checkpoint import HFSafetensors, load_mcore_checkpoint
 from megatron_eopd.models.qwen3 import build_qwen3_gpt, load_hf_weights
 from megatron_eopd.platform import current_platform
+from megatron_eopd.platform.mcore_compat import fuse_torch_adam
 from megatron_eopd.trainer.config import ModelSpec, OptimConfig
 from megatron_eopd.trainer.student import Optimization
 
@@ -81,6 +82,7 @@ def build_student(spec: ModelSpec, dtype: torch.dtype, optim: OptimConfig, total
         # Megatron's extra gloo copies of the DP groups exist only next to NCCL (see init_model_parallel).
         use_gloo_process_groups=current_platform().backend != "gloo",
     )
+    fuse_torch_adam(optimizer)  # where neither transformer-engine nor apex gave Megatron a fused Adam
     config.grad_scale_func = optimizer.scale_loss
     steps = max(total_steps, 1)
     scheduler = OptimizerParamScheduler(
