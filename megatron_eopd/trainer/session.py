@@ -112,12 +112,15 @@ def prompt_encoder(tokenizer, style: str, purpose: str = "train"):
     return encode
 
 
-def check_inputs(config: EOPDTrainConfig) -> tuple[list[PromptRecord], Any]:
-    """Every check that needs files but no process group; raises :class:`ConfigError`."""
+def check_inputs(config: EOPDTrainConfig) -> tuple[list[PromptRecord], Any, Any]:
+    """Every check that needs files but no process group; raises :class:`ConfigError`.
+    Returns the prompts and the student's and (eopd) the teacher's tokenizers, loaded once: at
+    Qwen3's vocabulary each load costs a second or two."""
     from megatron_eopd.data import DataError
 
     _check_model_dir(config.student, "student")
     student_tok = load_tokenizer(config.student.hf_dir, "student")
+    teacher_tok = None
     if config.train.mode == "eopd":
         _check_model_dir(config.teacher, "teacher")
         teacher_tok = load_tokenizer(config.teacher.hf_dir, "teacher")
@@ -136,11 +139,11 @@ def check_inputs(config: EOPDTrainConfig) -> tuple[list[PromptRecord], Any]:
                                       limit=config.data.limit)
     except (DataError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
-    return records, student_tok
+    return records, student_tok, teacher_tok
 
 
 def open_session(config: EOPDTrainConfig, *, resume: bool = False) -> Session:
-    records, tokenizer = check_inputs(config)
+    records, tokenizer, teacher_tokenizer = check_inputs(config)
     stream = PromptStream(records, prompt_encoder(tokenizer, config.student.prompt_style),
                           max_prompt_tokens=config.data.max_prompt_tokens, seed=config.train.seed)
     # The layout and the schedule (warm-up within the run) are checked before any process group starts.
@@ -172,7 +175,7 @@ def open_session(config: EOPDTrainConfig, *, resume: bool = False) -> Session:
     teacher_encode = None
     if config.train.mode == "eopd":
         teacher = build_teacher(config.teacher, dtype)
-        teacher_encode = prompt_encoder(load_tokenizer(config.teacher.hf_dir, "teacher"), config.teacher.prompt_style)
+        teacher_encode = prompt_encoder(teacher_tokenizer, config.teacher.prompt_style)
         fleet = RolloutFleet(config.rollout, Path(config.student.hf_dir), ranks_per_node=config.parallel.gpus_per_node,
                              device=platform.device)
     if dist.is_initialized():
