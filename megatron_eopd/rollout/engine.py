@@ -161,6 +161,10 @@ class WeightLoadReport:
     not_updated: list[str] = field(default_factory=list)
     num_messages: int = 1  # RPC buckets (memory) or files read (disk)
     transport: Optional[str] = None  # how memory buckets crossed into the engine ("bytes" / "ipc")
+    # Seconds by part, where the engine measures them (vLLM's in-memory path): "export" (waiting on
+    # the tensor stream), "pack" (buckets into their transport), "engine_load" (the RPCs that carry
+    # them and vLLM's load_weights), "finish" (post-load processing), "prefix_cache_reset".
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- configuration

@@ -64,6 +64,9 @@ class SyncReport:
     seconds: float
     load: Optional[WeightLoadReport]
     parity: Optional[ParityReport]
+    # Seconds by part (this rank's view): the engine's load parts (:class:`WeightLoadReport`), and the
+    # probe's "probe_generate", "probe_megatron" (the student's forward), "probe_score", "probe_compare".
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,8 @@ class WeightSyncer:
         self.step = 0
         self._route: Optional[_ReplicaRoute] = None
         self._last_dir: Optional[Path] = None
+        # The parts of the latest sync, also when it raised (see SyncReport.parts).
+        self.last_parts: dict[str, float] = {}
 
     def _arch(self, model_chunks: Any) -> Qwen3Arch:
         if self.architecture is not None:
@@ -188,7 +193,9 @@ class WeightSyncer:
         # The engines give the padded output rows no probability: normalise over the tokenizer's ids,
         # as they do.  Only the engine ranks' numbers are compared; the others' slice is local.
         vocab = self.vocab_size or (self.engine.padded_rows.start if self.engine is not None else arch.vocab_size)
+        parts = self.last_parts
         lead = None
+        start = time.perf_counter()
         if self.engine is not None and _global_rank() == route.lead_host:
             sequences, parity = self._probe_sequences(vocab)
             greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=1)
@@ -196,7 +203,9 @@ class WeightSyncer:
             extended = [list(seq) + r.samples[0].token_ids[:1] for seq, r in zip(sequences, out.results)]
             lead = (extended, [r.samples[0].logprobs[0] for r in out.results], parity)
         extended, generated_logprobs, parity = _broadcast_in_replica(lead, route.lead_host)
+        parts["probe_generate"], start = _lap(start)
         reference = megatron_sequence_logprobs(model_chunks, extended, vocab_size=vocab)
+        parts["probe_megatron"], start = _lap(start)
         if self.engine is None:
             return None
         if lead is not None:
@@ -205,8 +214,11 @@ class WeightSyncer:
             engine_logprobs = [torch.cat([s, torch.tensor([lp], dtype=s.dtype)]) for s, lp in zip(scored, generated_logprobs)]
         else:  # a second engine in the replica: the lead's sequences, prompt log-probs only
             engine_logprobs = self.engine.score(extended)
-        return compare_logprobs(engine_logprobs, reference, extended, probe=f"sync-step{self.step}-{method}",
-                                config=parity)
+        parts["probe_score"], start = _lap(start)
+        report = compare_logprobs(engine_logprobs, reference, extended, probe=f"sync-step{self.step}-{method}",
+                                  config=parity)
+        parts["probe_compare"], _ = _lap(start)
+        return report
 
     def sync(self, model_chunks: Any, *, method: Optional[str] = None, probe: bool = True) -> SyncReport:
         """Move the current weights into the engines, then (``probe``) run the parity probe; all ranks call."""
@@ -219,6 +231,7 @@ class WeightSyncer:
             self._route = _replica_route(self.engine is not None)
         route = self._route
         self.step += 1
+        self.last_parts = {}
         start = time.perf_counter()
         load: Optional[WeightLoadReport] = None
         parity: Optional[ParityReport] = None
@@ -233,6 +246,8 @@ class WeightSyncer:
                     load = self.engine.load_weights(stream)
                 else:
                     load = self._load_from_disk(stream, arch, self._sync_dtype(model_chunks))
+                if load is not None:
+                    self.last_parts.update(load.parts or {"load": load.seconds})
                 # Every rank of the replica takes part in the probe's forward before anyone may
                 # raise, so a failure found on an engine's rank never strands the others.
                 if probe and self.config.parity.enabled:
@@ -253,7 +268,13 @@ class WeightSyncer:
         failures = _gather_failures(None)
         if failures:
             raise WeightSyncError(f"weight sync step {self.step} failed on another rank: {failures[0]}")
-        return SyncReport(self.step, method, time.perf_counter() - start, load, parity)
+        return SyncReport(self.step, method, time.perf_counter() - start, load, parity, dict(self.last_parts))
+
+
+def _lap(start: float) -> tuple[float, float]:
+    """Seconds since ``start``, and now."""
+    now = time.perf_counter()
+    return now - start, now
 
 
 def _global_rank() -> int:
