@@ -194,9 +194,11 @@ def megatron_sequence_logprobs(
 
     def pick_logprobs(logits: torch.Tensor, _micro_batch: MicroBatch) -> torch.Tensor:
         # A few probe tokens only: gathering their full-vocabulary logits is cheap and independent.
-        full = gather_from_tensor_model_parallel_region(logits.float())[..., :vocab_size]
-        logp = torch.log_softmax(full, dim=-1)
-        return logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        # log p = logit - logsumexp over the true vocabulary: the same numbers as a log-softmax,
+        # without writing a second positions x vocabulary array (330 MB at Qwen3's 151,936 rows).
+        full = gather_from_tensor_model_parallel_region(logits.float())[:, :-1, :vocab_size]
+        picked = full.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        return picked - torch.logsumexp(full, dim=-1)
 
     picked = run_micro_batches(chunks, [MicroBatch.from_tokens(tokens)], pick_logprobs, forward_only=True)
     result = picked[0].contiguous() if picked else torch.empty((batch, length - 1), dtype=torch.float32, device=device)
