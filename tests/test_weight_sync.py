@@ -209,6 +209,14 @@ def test_memory_sync_after_an_optimizer_step(engine, student, syncer, probe_seqs
     assert report.load.not_updated == []
     assert report.load.num_messages > 1, "the sync should have streamed several buckets"
     assert report.load.transport == "ipc", "auto shares buckets through /dev/shm when it has room"
+    # Its time by part: the load's, then the probe's, each measured once and within the whole.
+    assert list(report.parts) == ["export", "pack", "engine_load", "finish", "prefix_cache_reset",
+                                  "probe_generate", "probe_megatron", "probe_score", "probe_compare"]
+    assert all(v >= 0 for v in report.parts.values()) and sum(report.parts.values()) <= report.seconds
+    assert syncer.last_parts == report.parts
+    # The reload re-processed the embedding the tied weight came through; only the LM head, which
+    # shares it, still had its kernel prepared from the old values (sampling below checks it is new).
+    assert engine.llm.collective_rpc("eopd_tied_kernels_refreshed") == [1]
     after = engine.score(probe_seqs)
     change = max(float((a - b).abs().max()) for a, b in zip(after, before))
     assert change > 0.05, f"log-probs barely moved ({change:.3g}) after an optimizer step"
