@@ -178,7 +178,10 @@ class ParityProbeConfig:
     of a real model differ by up to a few tenths of a nat on rare tokens, and by about 0.01 on
     average; a mis-mapped or stale tensor moves them by whole nats).  fp32 on both sides agrees to
     about 1e-4, so CPU tests use much tighter bounds.  ``sequences`` are token-id lists; when empty,
-    ``num_sequences`` random sequences of ``sequence_length`` tokens are drawn from ``seed``.
+    ``num_sequences`` random sequences of ``sequence_length`` tokens are drawn from ``seed``.  The
+    weight sync's probe lengthens them past the engine's KV-cache block (128 tokens on vLLM-CPU) so a
+    stale prefix cache shows in the engine's next token, and compares that token and the first
+    ``sequence_length`` tokens of each sequence.
     """
 
     enabled: bool = True
