@@ -212,20 +212,21 @@ def megatron_sequence_logprobs(
         targets = torch.tensor(positions, dtype=torch.long, device=device)
     else:
         targets = torch.arange(1, length, device=device)
-    # Every stage decides alike: only the last one has an output layer to bypass.
+    # Each stage decides for itself: only the last one has an output layer, and only it reads this.
     fused = positions is not None and _fused_head_allowed(inner)
+    predicted = tokens[:, targets, None]
 
     def logprobs_of(logits: torch.Tensor) -> torch.Tensor:
         # log p = logit - logsumexp over the true vocabulary: the same numbers as a log-softmax,
         # without writing a second positions x vocabulary array (330 MB at Qwen3's 151,936 rows).
         full = gather_from_tensor_model_parallel_region(logits.float())[..., :vocab_size]
-        picked = full.gather(-1, tokens[:, targets, None]).squeeze(-1)
+        picked = full.gather(-1, predicted).squeeze(-1)
         return picked - torch.logsumexp(full, dim=-1)
 
     def pick_logprobs(output: Any, _micro_batch: MicroBatch) -> torch.Tensor:
         if fused:  # FinalHidden: the hidden states that predict the targets, times this rank's vocab shard
             return logprobs_of(torch.matmul(output.hidden[:, targets - 1], output.weight.t()))
-        return logprobs_of(output[:, targets - 1])
+        return logprobs_of(output[:, :-1] if positions is None else output[:, targets - 1])
 
     picked = run_micro_batches(chunks, [MicroBatch.from_tokens(tokens)], pick_logprobs, forward_only=True,
                                fused_head=fused)
