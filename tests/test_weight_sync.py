@@ -209,6 +209,14 @@ def test_memory_sync_after_an_optimizer_step(engine, student, syncer, probe_seqs
     assert report.load.not_updated == []
     assert report.load.num_messages > 1, "the sync should have streamed several buckets"
     assert report.load.transport == "ipc", "auto shares buckets through /dev/shm when it has room"
+    # Its time by part: the load's, then the probe's, each measured once and within the whole.
+    assert list(report.parts) == ["export", "pack", "engine_load", "finish", "prefix_cache_reset",
+                                  "probe_generate", "probe_megatron", "probe_score", "probe_compare"]
+    assert all(v >= 0 for v in report.parts.values()) and sum(report.parts.values()) <= report.seconds
+    assert syncer.last_parts == report.parts
+    # The reload re-processed the embedding the tied weight came through; only the LM head, which
+    # shares it, still had its kernel prepared from the old values (sampling below checks it is new).
+    assert engine.llm.collective_rpc("eopd_tied_kernels_refreshed") == [1]
     after = engine.score(probe_seqs)
     change = max(float((a - b).abs().max()) for a, b in zip(after, before))
     assert change > 0.05, f"log-probs barely moved ({change:.3g}) after an optimizer step"
@@ -372,16 +380,34 @@ def test_probe_is_longer_than_a_kv_block_and_catches_a_stale_prefix_cache(engine
     from megatron_eopd.rollout import ParityProbeError
 
     assert engine.kv_block_size > 1
-    assert syncer.sync(student, method="memory").parity.num_tokens > engine.kv_block_size  # caches the probe
+    sequences, _, scored = syncer._probe_sequences(engine.padded_rows.start)
+    assert min(len(s) for s in sequences) > engine.kv_block_size > scored == engine.config.parity.sequence_length
+    # Compared: prompt tokens 1 .. scored - 1 and the generated token of each sequence.
+    assert syncer.sync(student, method="memory").parity.num_tokens == len(sequences) * scored  # caches the probe
     monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: True)
     _perturb(student, scale=0.05, seed=SEED + 9)
     with pytest.raises(ParityProbeError) as caught:
         syncer.sync(student, method="memory")
-    # Only the generated token (the last position) reads the cache; prompt log-probs are recomputed.
+    # Only the generated token (past the whole block) reads the cache; prompt log-probs are recomputed.
     report = caught.value.report
-    assert report.worst_position == report.num_tokens // len(engine.config.parity.sequences or [0] * 3)
+    assert report.worst_position == len(sequences[0]), report.summary()
     monkeypatch.undo()
     assert syncer.sync(student, method="memory").parity.passed
+
+
+def test_megatron_logprobs_at_chosen_positions_are_those_of_the_whole_sequence(student):
+    """The probe's output layer multiplies only the hidden states it compares (the fused-head path);
+    the numbers are the full forward's at those positions."""
+    from megatron_eopd.rollout.parity import megatron_sequence_logprobs
+
+    sequences = torch.randint(0, 301, (3, 50), generator=torch.Generator().manual_seed(SEED + 3)).tolist()
+    whole = megatron_sequence_logprobs(student, sequences)
+    positions = [1, 2, 17, 49]
+    picked = megatron_sequence_logprobs(student, sequences, positions=positions)
+    for w, p in zip(whole, picked):
+        torch.testing.assert_close(p, w[[q - 1 for q in positions]], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="positions must be indices 1..49"):
+        megatron_sequence_logprobs(student, sequences, positions=[0, 3])
 
 
 @pytest.mark.vllm

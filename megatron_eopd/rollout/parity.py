@@ -85,8 +85,10 @@ def compare_logprobs(
     *,
     probe: str,
     config: ParityProbeConfig,
+    positions: Optional[Sequence[int]] = None,
 ) -> ParityReport:
-    """Compare per-token log-probs (each tensor: tokens 1..len-1 of its sequence)."""
+    """Compare per-token log-probs (each tensor: tokens 1..len-1 of its sequence, or the tokens at
+    ``positions`` of every sequence, when given)."""
     if len(engine_logprobs) != len(reference_logprobs) or len(engine_logprobs) != len(sequences):
         raise ValueError(
             f"probe '{probe}': {len(engine_logprobs)} engine vs {len(reference_logprobs)} reference results "
@@ -96,9 +98,10 @@ def compare_logprobs(
     total, count = 0.0, 0
     for i, (eng, ref, seq) in enumerate(zip(engine_logprobs, reference_logprobs, sequences)):
         eng, ref = eng.double().flatten().cpu(), ref.double().flatten().cpu()
-        if eng.numel() != len(seq) - 1 or ref.numel() != len(seq) - 1:
+        expected = len(seq) - 1 if positions is None else len(positions)
+        if eng.numel() != expected or ref.numel() != expected:
             raise ValueError(
-                f"probe '{probe}': sequence {i} has {len(seq)} tokens but {eng.numel()} engine and "
+                f"probe '{probe}': sequence {i} has {expected} tokens to compare but {eng.numel()} engine and "
                 f"{ref.numel()} reference log-probs"
             )
         diff = (eng - ref).abs()
@@ -110,14 +113,15 @@ def compare_logprobs(
         if float(diff[j]) > best[0]:
             best = (float(diff[j]), i, j)
     max_diff, seq_i, tok_j = best
+    position = tok_j + 1 if positions is None else int(positions[tok_j])
     return ParityReport(
         probe=probe,
         num_tokens=count,
         max_abs_diff=max_diff,
         mean_abs_diff=total / max(count, 1),
         worst_sequence=seq_i,
-        worst_position=tok_j + 1,
-        worst_token=int(sequences[seq_i][tok_j + 1]),
+        worst_position=position,
+        worst_token=int(sequences[seq_i][position]),
         engine_logprob=float(engine_logprobs[seq_i].flatten()[tok_j]),
         reference_logprob=float(reference_logprobs[seq_i].flatten()[tok_j]),
         max_abs_tolerance=config.max_abs_tolerance,
@@ -163,7 +167,11 @@ def hf_sequence_logprobs(hf_model: Any, sequences: Sequence[Sequence[int]]) -> l
 
 @torch.no_grad()
 def megatron_sequence_logprobs(
-    model_chunks: Any, sequences: Sequence[Sequence[int]], *, vocab_size: Optional[int] = None
+    model_chunks: Any,
+    sequences: Sequence[Sequence[int]],
+    *,
+    vocab_size: Optional[int] = None,
+    positions: Optional[Sequence[int]] = None,
 ) -> list[torch.Tensor]:
     """Log-probs of ``sequences`` under the Megatron student, on every rank of its model-parallel group.
 
@@ -172,6 +180,11 @@ def megatron_sequence_logprobs(
     vocabulary (``vocab_size``; default the model's HF vocabulary - padded rows are not tokens), then
     the result is broadcast from the last pipeline stage.  Sequences are right-padded to one length;
     causal attention keeps padding from touching real positions.
+
+    ``positions``: only the tokens at these indices (>= 1, in every sequence) get a log-prob, and
+    the output layer multiplies only the hidden states that predict them (the model's final hidden
+    states, from the fused-head path, where the model allows it).  At a 151,936-row vocabulary that
+    product is most of a short model's forward.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -191,16 +204,50 @@ def megatron_sequence_logprobs(
     tokens = torch.zeros((batch, length), dtype=torch.long, device=device)
     for i, seq in enumerate(sequences):
         tokens[i, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+    if positions is not None:
+        positions = [int(p) for p in positions]
+        if not positions or min(positions) < 1 or max(positions) >= min(len(s) for s in sequences):
+            raise ValueError(f"positions must be indices 1..{min(len(s) for s in sequences) - 1} of every "
+                             f"sequence, got {positions}")
+        targets = torch.tensor(positions, dtype=torch.long, device=device)
+    else:
+        targets = torch.arange(1, length, device=device)
+    # Each stage decides for itself: only the last one has an output layer, and only it reads this.
+    fused = positions is not None and _fused_head_allowed(inner)
+    predicted = tokens[:, targets, None]
 
-    def pick_logprobs(logits: torch.Tensor, _micro_batch: MicroBatch) -> torch.Tensor:
-        # A few probe tokens only: gathering their full-vocabulary logits is cheap and independent.
+    def logprobs_of(logits: torch.Tensor) -> torch.Tensor:
+        # log p = logit - logsumexp over the true vocabulary: the same numbers as a log-softmax,
+        # without writing a second positions x vocabulary array (330 MB at Qwen3's 151,936 rows).
         full = gather_from_tensor_model_parallel_region(logits.float())[..., :vocab_size]
-        logp = torch.log_softmax(full, dim=-1)
-        return logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        picked = full.gather(-1, predicted).squeeze(-1)
+        return picked - torch.logsumexp(full, dim=-1)
 
-    picked = run_micro_batches(chunks, [MicroBatch.from_tokens(tokens)], pick_logprobs, forward_only=True)
-    result = picked[0].contiguous() if picked else torch.empty((batch, length - 1), dtype=torch.float32, device=device)
+    def pick_logprobs(output: Any, _micro_batch: MicroBatch) -> torch.Tensor:
+        if fused:  # FinalHidden: the hidden states that predict the targets, times this rank's vocab shard
+            return logprobs_of(torch.matmul(output.hidden[:, targets - 1], output.weight.t()))
+        return logprobs_of(output[:, :-1] if positions is None else output[:, targets - 1])
+
+    picked = run_micro_batches(chunks, [MicroBatch.from_tokens(tokens)], pick_logprobs, forward_only=True,
+                               fused_head=fused)
+    width = len(targets)
+    result = picked[0].contiguous() if picked else torch.empty((batch, width), dtype=torch.float32, device=device)
     source = last_stage_group_source()
     if source is not None:
         dist.broadcast(result, src=source, group=parallel_state.get_pipeline_model_parallel_group())
+    if positions is not None:
+        return [result[i].float().cpu() for i in range(batch)]
     return [result[i, : len(seq) - 1].float().cpu() for i, seq in enumerate(sequences)]
+
+
+def _fused_head_allowed(model: Any) -> bool:
+    """Whether the fused-head path hands this model's final hidden states over (see output_head)."""
+    from megatron_eopd.models.output_head import _check_fusable
+
+    if not getattr(model, "post_process", False):
+        return True  # not the last stage: nothing changes here
+    try:
+        _check_fusable(model)
+    except NotImplementedError:
+        return False
+    return True

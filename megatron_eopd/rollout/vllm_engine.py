@@ -476,21 +476,36 @@ class VLLMRolloutEngine(RolloutEngine):
         self.wake_up()
         bucket_limit = int(self.config.sync_bucket_mb * 1024 * 1024)
         sent = {"tensors": 0, "bytes": 0, "buckets": 0, "transport": None}
+        parts = dict.fromkeys(("export", "pack", "engine_load", "finish", "prefix_cache_reset"), 0.0)
         bucket: list = []
         bucket_bytes = 0
 
         def flush() -> None:
+            t0 = time.perf_counter()
             with encoded_bucket(self.config.sync_transport, bucket) as payload:
+                t1 = time.perf_counter()
                 self.llm.collective_rpc("eopd_load_weight_bucket", args=(payload,))
+                t2 = time.perf_counter()
+            parts["pack"] += t1 - t0
+            parts["engine_load"] += t2 - t1
             sent["transport"] = payload["transport"]
             sent["tensors"] += len(bucket)
             sent["bytes"] += bucket_bytes
             sent["buckets"] += 1
 
         with self._engine_call("loading new weights"):
+            t0 = time.perf_counter()
             self.llm.collective_rpc("eopd_begin_weight_update")
+            parts["engine_load"] += time.perf_counter() - t0
             try:
-                for name, tensor in named_tensors:
+                stream = iter(named_tensors)
+                while True:
+                    t0 = time.perf_counter()
+                    item = next(stream, None)
+                    parts["export"] += time.perf_counter() - t0
+                    if item is None:
+                        break
+                    name, tensor = item
                     bucket.append((name, tensor))
                     bucket_bytes += tensor.numel() * tensor.element_size()
                     if bucket_bytes >= bucket_limit:
@@ -500,8 +515,12 @@ class VLLMRolloutEngine(RolloutEngine):
                     flush()
             finally:
                 # Always finish: a half-open layer-wise reload would leave layers on the meta device.
+                t0 = time.perf_counter()
                 not_updated = self.llm.collective_rpc("eopd_finish_weight_update")[0]
+                parts["finish"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
             self.llm.reset_prefix_cache()
+            parts["prefix_cache_reset"] += time.perf_counter() - t0
         return WeightLoadReport(
             "memory",
             sent["tensors"],
@@ -510,6 +529,7 @@ class VLLMRolloutEngine(RolloutEngine):
             list(not_updated),
             num_messages=sent["buckets"],
             transport=sent["transport"],
+            parts=parts,
         )
 
     def load_weights_from_dir(self, hf_dir: Union[str, Path]) -> WeightLoadReport:

@@ -13,8 +13,11 @@ After every optimizer iteration :meth:`WeightSyncer.sync` is called on **every r
    Megatron student scores the extended sequences (a forward on its replica's ranks) and the engine
    scores them too (prompt log-probs).  The probe sequences are longer than the engine's KV-cache
    block and are the same at every sync, so a prefix cache that survived the weight update would
-   feed stale keys/values into the generated token's log-prob: the probe sees it.  Beyond tolerance
-   every rank raises.
+   feed stale keys/values into the generated token's log-prob: the probe sees it.  Compared are
+   that generated token and the first ``parity.sequence_length`` tokens of each sequence (all of
+   them when the sequence is no longer): on vLLM-CPU a block is 128 tokens, and every scored
+   position costs a vocabulary-wide product on both sides (see :data:`PROBE_BLOCK_MARGIN`).
+   Beyond tolerance every rank raises.
 
 Replicas without an engine only join the verdict, so all ranks stop together instead of some
 hanging in a collective.
@@ -47,7 +50,11 @@ from megatron_eopd.rollout.parity import (
 
 # (model chunks, arch, to_rank) -> HF-named tensors; ``iter_hf_weights`` for Qwen3.
 Exporter = Callable[..., Iterator[tuple[str, torch.Tensor]]]
-# Probe sequences must exceed one KV block by this much, so whole blocks get cached.
+# Probe sequences must exceed one KV block by this much, so whole blocks get cached.  The tokens
+# past ``parity.sequence_length`` are context for the generated token, not compared one by one:
+# at Qwen3's 151,936-row vocabulary each compared position is a hidden x vocabulary product on
+# both sides, and the 4 x 136 positions of a CPU block-length probe made the probe 6-8 s of a
+# 2-layer 0.6B student's sync (tools/bench_weight_sync.py --sizes qwen3-0.6b-2l).
 PROBE_BLOCK_MARGIN = 8
 
 
@@ -64,6 +71,9 @@ class SyncReport:
     seconds: float
     load: Optional[WeightLoadReport]
     parity: Optional[ParityReport]
+    # Seconds by part (this rank's view): the engine's load parts (:class:`WeightLoadReport`), and the
+    # probe's "probe_generate", "probe_megatron" (the student's forward), "probe_score", "probe_compare".
+    parts: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,8 @@ class WeightSyncer:
         self.step = 0
         self._route: Optional[_ReplicaRoute] = None
         self._last_dir: Optional[Path] = None
+        # The parts of the latest sync, also when it raised (see SyncReport.parts).
+        self.last_parts: dict[str, float] = {}
 
     def _arch(self, model_chunks: Any) -> Qwen3Arch:
         if self.architecture is not None:
@@ -165,8 +177,9 @@ class WeightSyncer:
         self._last_dir = written
         return load
 
-    def _probe_sequences(self, vocab: int) -> tuple[list[list[int]], Any]:
-        """The probe sequences, longer than this engine's KV-cache block, and the config to judge them."""
+    def _probe_sequences(self, vocab: int) -> tuple[list[list[int]], Any, int]:
+        """The probe sequences, longer than this engine's KV-cache block, the config to judge them,
+        and how many leading tokens of each have their prompt log-probs compared."""
         parity = self.config.parity
         block = self.engine.kv_block_size
         if parity.sequences:
@@ -176,9 +189,11 @@ class WeightSyncer:
                     f"parity probe sequences {short} are not longer than the engine's KV-cache block "
                     f"({block} tokens): a stale prefix cache would go unnoticed"
                 )
-        elif parity.sequence_length <= block:
+            return probe_sequences(parity, vocab), parity, min(len(seq) for seq in parity.sequences)
+        scored = parity.sequence_length
+        if parity.sequence_length <= block:
             parity = dataclasses.replace(parity, sequence_length=block + PROBE_BLOCK_MARGIN)
-        return probe_sequences(parity, vocab), parity
+        return probe_sequences(parity, vocab), parity, scored
 
     def _probe(self, model_chunks: Any, arch: Qwen3Arch, route: _ReplicaRoute, method: str) -> Optional[ParityReport]:
         """Probe sequences extended by the lead engine's greedy token, scored by both sides.
@@ -188,25 +203,40 @@ class WeightSyncer:
         # The engines give the padded output rows no probability: normalise over the tokenizer's ids,
         # as they do.  Only the engine ranks' numbers are compared; the others' slice is local.
         vocab = self.vocab_size or (self.engine.padded_rows.start if self.engine is not None else arch.vocab_size)
+        parts = self.last_parts
         lead = None
+        start = time.perf_counter()
         if self.engine is not None and _global_rank() == route.lead_host:
-            sequences, parity = self._probe_sequences(vocab)
+            sequences, parity, scored_length = self._probe_sequences(vocab)
             greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=1)
             out = self.engine.generate(sequences, greedy, show_progress=False)
             extended = [list(seq) + r.samples[0].token_ids[:1] for seq, r in zip(sequences, out.results)]
-            lead = (extended, [r.samples[0].logprobs[0] for r in out.results], parity)
-        extended, generated_logprobs, parity = _broadcast_in_replica(lead, route.lead_host)
-        reference = megatron_sequence_logprobs(model_chunks, extended, vocab_size=vocab)
+            lead = (extended, [r.samples[0].logprobs[0] for r in out.results], parity, scored_length)
+        extended, generated_logprobs, parity, scored_length = _broadcast_in_replica(lead, route.lead_host)
+        parts["probe_generate"], start = _lap(start)
+        # Prompt tokens 1 .. scored_length - 1, and the generated token (the last of each sequence);
+        # configured sequences of different lengths are compared whole.
+        generated = len(extended[0]) - 1
+        positions: Optional[list[int]] = None  # None: every token
+        if scored_length < generated and all(len(seq) - 1 == generated for seq in extended):
+            positions = list(range(1, scored_length)) + [generated]
+        reference = megatron_sequence_logprobs(model_chunks, extended, vocab_size=vocab, positions=positions)
+        parts["probe_megatron"], start = _lap(start)
         if self.engine is None:
             return None
         if lead is not None:
             # The generated token's log-prob comes from decoding over the (possibly cached) prompt.
-            scored = self.engine.score([seq[:-1] for seq in extended])
+            scored = self.engine.score([seq[: (len(seq) - 1 if positions is None else scored_length)] for seq in extended])
             engine_logprobs = [torch.cat([s, torch.tensor([lp], dtype=s.dtype)]) for s, lp in zip(scored, generated_logprobs)]
         else:  # a second engine in the replica: the lead's sequences, prompt log-probs only
             engine_logprobs = self.engine.score(extended)
-        return compare_logprobs(engine_logprobs, reference, extended, probe=f"sync-step{self.step}-{method}",
-                                config=parity)
+            if positions is not None:
+                engine_logprobs = [s[[p - 1 for p in positions]] for s in engine_logprobs]
+        parts["probe_score"], start = _lap(start)
+        report = compare_logprobs(engine_logprobs, reference, extended, probe=f"sync-step{self.step}-{method}",
+                                  config=parity, positions=positions)
+        parts["probe_compare"], _ = _lap(start)
+        return report
 
     def sync(self, model_chunks: Any, *, method: Optional[str] = None, probe: bool = True) -> SyncReport:
         """Move the current weights into the engines, then (``probe``) run the parity probe; all ranks call."""
@@ -219,6 +249,7 @@ class WeightSyncer:
             self._route = _replica_route(self.engine is not None)
         route = self._route
         self.step += 1
+        self.last_parts = {}
         start = time.perf_counter()
         load: Optional[WeightLoadReport] = None
         parity: Optional[ParityReport] = None
@@ -233,6 +264,8 @@ class WeightSyncer:
                     load = self.engine.load_weights(stream)
                 else:
                     load = self._load_from_disk(stream, arch, self._sync_dtype(model_chunks))
+                if load is not None:
+                    self.last_parts.update(load.parts or {"load": load.seconds})
                 # Every rank of the replica takes part in the probe's forward before anyone may
                 # raise, so a failure found on an engine's rank never strands the others.
                 if probe and self.config.parity.enabled:
@@ -253,7 +286,13 @@ class WeightSyncer:
         failures = _gather_failures(None)
         if failures:
             raise WeightSyncError(f"weight sync step {self.step} failed on another rank: {failures[0]}")
-        return SyncReport(self.step, method, time.perf_counter() - start, load, parity)
+        return SyncReport(self.step, method, time.perf_counter() - start, load, parity, dict(self.last_parts))
+
+
+def _lap(start: float) -> tuple[float, float]:
+    """Seconds since ``start``, and now."""
+    now = time.perf_counter()
+    return now - start, now
 
 
 def _global_rank() -> int:
