@@ -80,6 +80,52 @@ def save_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path]) -> None
     dist_checkpointing.save(state, str(release))
 
 
+def _pieces(tree: Any) -> list:
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _pieces(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _pieces(v)]
+    return [tree]
+
+
+def _merge_in_place(sharded: Any) -> None:
+    """Make the sharded state dict's factories hand back the parameter they were cut from.
+
+    Megatron splits some parameters into pieces for the checkpoint (the fused gate/up ``linear_fc1``
+    of a SwiGLU MLP is saved as two tensors) and on load joins the loaded pieces with ``torch.cat``,
+    a new tensor per parameter, all held until ``load_state_dict`` copies them back: a second copy
+    of every such weight (for Qwen3, the fc1s are 45% of the model).  The pieces are views of the
+    parameter and the checkpoint is read into them in place, so when every loaded piece still lies
+    in the parameter's storage the parameter already holds the result and is returned as is;
+    otherwise Megatron's own merge runs.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    def visit(node: Any) -> None:
+        if isinstance(node, ShardedTensorFactory):
+            param, merge = node.data, node.merge_fn
+            if not isinstance(param, torch.Tensor):
+                return
+            storage = param.untyped_storage().data_ptr()
+
+            def merge_in_place(loaded, param=param, merge=merge, storage=storage):
+                pieces = _pieces(loaded)
+                if pieces and all(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage
+                                  for t in pieces):
+                    return param
+                return merge(loaded)
+
+            object.__setattr__(node, "merge_fn", merge_in_place)
+        elif isinstance(node, dict):
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+
+    visit(sharded)
+
+
 def load_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path], *, strict: bool = True) -> dict:
     """Collective: load a converted checkpoint into model chunks built at any TP/PP.
 
@@ -92,6 +138,7 @@ def load_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path], *, stri
     meta = read_checkpoint_meta(ckpt_dir)
     chunks = as_chunk_list(model_chunks)
     sharded = _model_sharded_state_dict(chunks)
+    _merge_in_place(sharded)
     loaded = dist_checkpointing.load(sharded, str(Path(ckpt_dir) / RELEASE))
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
