@@ -170,11 +170,23 @@ def run_measured(command: list, *, env_extra: dict | None = None, log: Path | No
                 proc.kill()
                 raise TimeoutError(f"{command} ran over {timeout} s")
             time.sleep(interval)
-    marks = []
-    for line in Path(log).read_text(errors="replace").splitlines() if log != Path(os.devnull) else []:
-        if line.startswith(MARK):
-            marks.append(json.loads(line[len(MARK):]))
-    return {"rc": proc.returncode, "seconds": time.time() - start, "marks": marks, "processes": list(seen.values())}
+    return {"rc": proc.returncode, "seconds": time.time() - start, "marks": read_marks(log),
+            "processes": list(seen.values())}
+
+
+def read_marks(log: Path) -> list[dict]:
+    """The marks in a log; ranks share it, so a mark may start in the middle of another rank's line."""
+    if log == Path(os.devnull):
+        return []
+    text, decoder, marks = Path(log).read_text(errors="replace"), json.JSONDecoder(), []
+    at = text.find(MARK)
+    while at >= 0:
+        try:
+            marks.append(decoder.raw_decode(text, at + len(MARK))[0])
+        except json.JSONDecodeError:
+            pass  # cut by another rank's output: that mark is lost
+        at = text.find(MARK, at + len(MARK))
+    return marks
 
 
 def torchrun(nproc: int) -> list:
@@ -488,7 +500,7 @@ def bench_trainer(args) -> None:
             TRAINER.append({"layers": layers, "tp": tp, "result": result, "plan": plan,
                             "command": _show(cmd), "student": student, "teacher": teacher})
             print(json.dumps({"layers": layers, "tp": tp, "rc": result["rc"], "marks": result["marks"],
-                              "plan": plan}), file=sys.stderr, flush=True)
+                              "processes": result["processes"], "plan": plan}), file=sys.stderr, flush=True)
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
