@@ -21,10 +21,8 @@ from megatron_eopd.models.qwen3.mapping import (
     LAYER,
     LAYER_NAME,
     OUTPUT,
-    QKV,
     QWEN3_MAPPING,
     REPLICATED,
-    VOCAB,
     MappingError,
     WeightMapping,
     expected_hf_shapes,
@@ -185,20 +183,12 @@ def iter_hf_weights(
         tensors: Optional[tuple[torch.Tensor, ...]] = None
         if stage == pp_rank:
             param = local[key][2].detach()
-            if tp_group is not None and entry.split in (VOCAB, QKV):
-                # Shards that join along dim 0 are gathered straight into the full tensor: gathering
-                # them apart and concatenating held the largest tensor twice (an 8B's embedding:
-                # 2 x 1.2 GB on every rank of a TP-2 export).
-                full = param.new_empty((tp_size * param.shape[0],) + tuple(param.shape[1:]))
-                dist.all_gather(list(full.chunk(tp_size, dim=0)), param.contiguous(), group=tp_group)
-                shards = [full]
-            elif tp_group is not None and entry.split != REPLICATED:
+            if tp_group is not None and entry.split != REPLICATED:
                 shards = [torch.empty_like(param) for _ in range(tp_size)]
                 dist.all_gather(shards, param.contiguous(), group=tp_group)
             else:
                 shards = [param]
             tensors = hf_from_shards(entry, shards, arch)
-            del shards
         if pp_group is not None and (to_rank is None or stage != dst_stage):
             tensors = _move_across_stages(tensors, names, hf_shapes, stage, pp_rank, dst_stage, dst_tp,
                                           tp_rank, pp_group, wire_dtype, device)
