@@ -65,6 +65,29 @@ def plan_shards(shapes: Mapping[str, Sequence[int]], itemsize: int, max_shard_by
     return shards
 
 
+# safetensors' names of the dtypes we export.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _safetensors_header(names: Sequence[str], shapes: Mapping[str, Sequence[int]], dtype: torch.dtype,
+                        itemsize: int) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding ``names`` in this order.
+
+    Data offsets follow the stream order (safetensors only asks that the tensors tile the data area
+    without gaps), and the header is padded with spaces to a multiple of 8 bytes as safetensors does.
+    """
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        nbytes = itemsize * math.prod(int(d) for d in shapes[name])
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [int(d) for d in shapes[name]],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
 def write_hf_weights(
     out_dir: Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -74,41 +97,57 @@ def write_hf_weights(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Optional[object] = None,
 ) -> list[str]:
-    """Stream tensors into safetensors files, holding at most one shard in memory.
+    """Stream tensors into safetensors files, holding at most one tensor (in ``dtype``) in memory.
 
-    ``shapes`` (name -> shape, in stream order) fixes the shard plan up front, so the file names
-    (``model-0000k-of-0000n.safetensors``) are known before the first tensor arrives.  A single
-    shard is written as ``model.safetensors`` without an index.  Returns the files written.
+    ``shapes`` (name -> shape, in stream order) fixes the shard plan and each file's header up front,
+    so the file names (``model-0000k-of-0000n.safetensors``) and every tensor's offset are known
+    before the first tensor arrives; each tensor is written at its place as it arrives (in any
+    order).  A single shard is written as ``model.safetensors`` without an index.  Returns the files
+    written.
     """
-    from safetensors.torch import save_file
-
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"cannot export dtype {dtype}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     plan = plan_shards(shapes, itemsize, max_shard_bytes)
     n = len(plan)
-    file_of = {}
+    files = [SINGLE_NAME if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    file_of, offset_of, left = {}, {}, {}
     for k, names in enumerate(plan):
-        file = SINGLE_NAME if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        offset = 0
         for name in names:
-            file_of[name] = file
-    count_of = {file: sum(1 for v in file_of.values() if v == file) for file in set(file_of.values())}
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    written = []
+            file_of[name], offset_of[name] = files[k], offset
+            offset += itemsize * math.prod(int(d) for d in shapes[name])
+        left[files[k]] = len(names)
+    headers = {files[k]: _safetensors_header(names, shapes, dtype, itemsize) for k, names in enumerate(plan)}
+    handles: dict = {}
+    written: list[str] = []
     seen = set()
-    for name, tensor in tensors:
-        if name not in file_of:
-            raise ValueError(f"unexpected tensor {name} in the export stream")
-        if tuple(tensor.shape) != tuple(shapes[name]):
-            raise ValueError(f"{name}: exported shape {list(tensor.shape)} != expected {list(shapes[name])}")
-        seen.add(name)
-        file = file_of[name]
-        # clone(): detach from model storage and from the vocab-padded parent tensor.
-        pending.setdefault(file, {})[name] = tensor.detach().to(device="cpu", dtype=dtype).contiguous().clone()
-        if len(pending[file]) == count_of[file]:
-            save_file(pending.pop(file), str(out_dir / file), metadata={"format": "pt"})
-            _make_readable(out_dir / file)
-            written.append(file)
-        if progress is not None:
-            progress.update(1)
+    try:
+        for name, tensor in tensors:
+            if name not in file_of or name in seen:
+                raise ValueError(f"unexpected tensor {name} in the export stream")
+            if tuple(tensor.shape) != tuple(shapes[name]):
+                raise ValueError(f"{name}: exported shape {list(tensor.shape)} != expected {list(shapes[name])}")
+            seen.add(name)
+            file = file_of[name]
+            if file not in handles:
+                handles[file] = open(out_dir / file, "wb")
+                handles[file].write(headers[file])
+            # One tensor at a time: cast (a copy only when the dtype or device differs), write its bytes.
+            data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+            handles[file].seek(len(headers[file]) + offset_of[name])
+            handles[file].write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            del data
+            left[file] -= 1
+            if not left[file]:
+                handles.pop(file).close()
+                _make_readable(out_dir / file)
+                written.append(file)
+            if progress is not None:
+                progress.update(1)
+    finally:
+        for handle in handles.values():
+            handle.close()
     missing = [name for name in shapes if name not in seen]
     if missing:
         raise ValueError(f"export stream ended without {len(missing)} tensors, e.g. {missing[:4]}")

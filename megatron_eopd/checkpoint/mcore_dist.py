@@ -66,6 +66,41 @@ def _model_sharded_state_dict(model_chunks: Any) -> dict:
     return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as a tensor with a storage of its own size (no copy); CPU, contiguous only.
+
+    Megatron's ``torch_dist`` writer clones every CPU tensor whose storage is larger than the tensor
+    (``_clone_if_needed`` in ``filesystem_async.py``) and holds all the clones until the files are
+    written.  The halves of a fused SwiGLU ``linear_fc1`` that it saves are such views, so a save on
+    CPU held a second copy of every fc1 (45% of Qwen3).  An alias through a buffer has the view's
+    exact size: written as it is.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.untyped_storage().nbytes() == nbytes:
+        return tensor
+    whole = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+    start = tensor.storage_offset() * tensor.element_size()
+    return torch.frombuffer(memoryview(whole.numpy())[start:start + nbytes], dtype=tensor.dtype).view(tensor.shape)
+
+
+def _without_views(node: Any) -> Any:
+    """A sharded state dict for saving whose CPU tensors are not views: factories are built (as
+    Megatron's save does first) and every piece gets :func:`_own_storage`."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(node, ShardedTensorFactory):
+        return _without_views(node.build())
+    if isinstance(node, ShardedTensor):
+        if isinstance(node.data, torch.Tensor):
+            node.data = _own_storage(node.data.detach())
+        return node
+    if isinstance(node, dict):
+        return {k: _without_views(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_without_views(v) for v in node]
+    return node
+
+
 def save_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path]) -> None:
     """Collective: every rank of the job saves its shards under ``ckpt_dir/release``."""
     from megatron.core import dist_checkpointing
@@ -74,10 +109,56 @@ def save_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path]) -> None
     if torch.distributed.get_rank() == 0:
         release.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    state = _model_sharded_state_dict(model_chunks)
+    state = _without_views(_model_sharded_state_dict(model_chunks))
     state["checkpoint_version"] = 3.0
     state["iteration"] = 0
     dist_checkpointing.save(state, str(release))
+
+
+def _pieces(tree: Any) -> list:
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _pieces(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _pieces(v)]
+    return [tree]
+
+
+def _merge_in_place(sharded: Any) -> None:
+    """Make the sharded state dict's factories hand back the parameter they were cut from.
+
+    Megatron splits some parameters into pieces for the checkpoint (the fused gate/up ``linear_fc1``
+    of a SwiGLU MLP is saved as two tensors) and on load joins the loaded pieces with ``torch.cat``,
+    a new tensor per parameter, all held until ``load_state_dict`` copies them back: a second copy
+    of every such weight (for Qwen3, the fc1s are 45% of the model).  The pieces are views of the
+    parameter and the checkpoint is read into them in place, so when every loaded piece still lies
+    in the parameter's storage the parameter already holds the result and is returned as is;
+    otherwise Megatron's own merge runs.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    def visit(node: Any) -> None:
+        if isinstance(node, ShardedTensorFactory):
+            param, merge = node.data, node.merge_fn
+            if not isinstance(param, torch.Tensor):
+                return
+            storage = param.untyped_storage().data_ptr()
+
+            def merge_in_place(loaded, param=param, merge=merge, storage=storage):
+                pieces = _pieces(loaded)
+                if pieces and all(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage
+                                  for t in pieces):
+                    return param
+                return merge(loaded)
+
+            object.__setattr__(node, "merge_fn", merge_in_place)
+        elif isinstance(node, dict):
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+
+    visit(sharded)
 
 
 def load_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path], *, strict: bool = True) -> dict:
@@ -92,6 +173,7 @@ def load_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path], *, stri
     meta = read_checkpoint_meta(ckpt_dir)
     chunks = as_chunk_list(model_chunks)
     sharded = _model_sharded_state_dict(chunks)
+    _merge_in_place(sharded)
     loaded = dist_checkpointing.load(sharded, str(Path(ckpt_dir) / RELEASE))
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
