@@ -83,21 +83,21 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(memoryview(whole.numpy())[start:start + nbytes], dtype=tensor.dtype).view(tensor.shape)
 
 
-def _without_views(node: Any) -> Any:
+def without_views(node: Any) -> Any:
     """A sharded state dict for saving whose CPU tensors are not views: factories are built (as
     Megatron's save does first) and every piece gets :func:`_own_storage`."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     if isinstance(node, ShardedTensorFactory):
-        return _without_views(node.build())
+        return without_views(node.build())
     if isinstance(node, ShardedTensor):
         if isinstance(node.data, torch.Tensor):
             node.data = _own_storage(node.data.detach())
         return node
     if isinstance(node, dict):
-        return {k: _without_views(v) for k, v in node.items()}
+        return {k: without_views(v) for k, v in node.items()}
     if isinstance(node, list):
-        return [_without_views(v) for v in node]
+        return [without_views(v) for v in node]
     return node
 
 
@@ -109,7 +109,7 @@ def save_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path]) -> None
     if torch.distributed.get_rank() == 0:
         release.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    state = _without_views(_model_sharded_state_dict(model_chunks))
+    state = without_views(_model_sharded_state_dict(model_chunks))
     state["checkpoint_version"] = 3.0
     state["iteration"] = 0
     dist_checkpointing.save(state, str(release))
@@ -123,7 +123,7 @@ def _pieces(tree: Any) -> list:
     return [tree]
 
 
-def _merge_in_place(sharded: Any) -> None:
+def merge_in_place(sharded: Any) -> None:
     """Make the sharded state dict's factories hand back the parameter they were cut from.
 
     Megatron splits some parameters into pieces for the checkpoint (the fused gate/up ``linear_fc1``
@@ -173,7 +173,7 @@ def load_mcore_checkpoint(model_chunks: Any, ckpt_dir: Union[str, Path], *, stri
     meta = read_checkpoint_meta(ckpt_dir)
     chunks = as_chunk_list(model_chunks)
     sharded = _model_sharded_state_dict(chunks)
-    _merge_in_place(sharded)
+    merge_in_place(sharded)
     loaded = dist_checkpointing.load(sharded, str(Path(ckpt_dir) / RELEASE))
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"

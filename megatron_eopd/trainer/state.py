@@ -28,7 +28,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_eopd.checkpoint.hf_writer import copy_side_files
-from megatron_eopd.checkpoint.mcore_dist import HF_SUBDIR, RELEASE, dtype_name, write_checkpoint_meta
+from megatron_eopd.checkpoint.mcore_dist import (
+    HF_SUBDIR,
+    RELEASE,
+    dtype_name,
+    merge_in_place,
+    without_views,
+    write_checkpoint_meta,
+)
 from megatron_eopd.errors import EOPDError
 from megatron_eopd.models.chunks import unwrap_model
 from megatron_eopd.models.qwen3.architecture import DEFAULT_VOCAB_DIVISOR
@@ -190,7 +197,9 @@ def save_checkpoint(root: Path, opt, state: RunState, *, config: dict, student_h
         (tmp / RELEASE).mkdir(parents=True)
         (tmp / "rng").mkdir()
     _barrier()
-    dist_checkpointing.save(_sharded_state(opt, loading=False), str(tmp / RELEASE))
+    # Views (the fused fc1's gate/up halves, of the weights and of their Adam moments) aliased, not
+    # cloned by Megatron's writer: see without_views.
+    dist_checkpointing.save(without_views(_sharded_state(opt, loading=False)), str(tmp / RELEASE))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -244,7 +253,9 @@ def load_checkpoint(path: Path, opt) -> RunState:
             f"student.checkpoint={path})"
         )
     _materialise_optimizer_state(opt.optimizer)
-    loaded = dist_checkpointing.load(_sharded_state(opt, loading=True), str(path / RELEASE))
+    sharded = _sharded_state(opt, loading=True)
+    merge_in_place(sharded)  # the fc1 pieces are read into the tensors they were cut from: no second copy
+    loaded = dist_checkpointing.load(sharded, str(path / RELEASE))
     unwrap_model(opt.chunks[0]).load_state_dict(loaded["model"])
     with torch.no_grad():  # fp32 weights are their own main copy: the optimizer writes into the parameters
         opt.optimizer.load_state_dict(loaded["optimizer"])
