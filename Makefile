@@ -8,7 +8,7 @@ STAMP := $(VENV)/.eopd-installed
 PYTEST_ARGS ?=
 REPLICATE_ARGS ?=
 
-.PHONY: venv test run replicate bench clean test-mcore-latest test-gpu gpu-wheels gpu-check test-gpu-twin
+.PHONY: venv test run replicate bench smoke-qwen3 clean test-mcore-latest test-gpu gpu-wheels gpu-check test-gpu-twin
 
 venv: $(STAMP)
 
@@ -36,6 +36,12 @@ replicate: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tools/bench_loss.py
+
+# The whole stack at Qwen3's real shapes and full depth (0.6B-Base student, 1.7B teacher, an 8B-shaped
+# conversion), random weights, on CPU; not in CI (README: "Rehearse a cluster job with real-shaped Qwen3").
+SMOKE_ARGS ?=
+smoke-qwen3: $(STAMP)
+	$(PY) tools/smoke_qwen3.py $(SMOKE_ARGS)
 
 # Clusters run newer Megatron-Core on Python 3.12 (NGC).  This builds a second venv with
 # megatron-core 0.19.2 (PyPI torch: a CUDA build, ~5 GB) and runs every suite that does not need

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,13 @@ def test_bad_outputs_exit_2_and_nothing_is_left(tmp_path, capsys, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_random_qwen3(tmp_path / "half", "0.6b", num_layers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken"]
+
+
+def test_smoke_qwen3_refuses_missing_data_before_writing(tmp_path):
+    """``make smoke-qwen3`` checks its inputs first: a data directory without the MATH files is named,
+    exit status 2, and no work directory is created."""
+    work = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, str(TOOL.parent / "smoke_qwen3.py"), "--workdir", str(work),
+                           "--data-dir", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "train_math.jsonl is missing" in proc.stderr and not work.exists()
