@@ -172,3 +172,24 @@ def test_smoke_qwen3_refuses_missing_data_before_writing(tmp_path):
                            "--data-dir", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "train_math.jsonl is missing" in proc.stderr and not work.exists()
+
+
+def test_first_difference_names_the_first_tensor_that_differs(tmp_path):
+    """The bit-for-bit check the smoke and the memory bench rely on: equal directories give None, one
+    flipped bit in one tensor is named, and so is a missing tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_eopd.checkpoint.safetensors_io import first_difference
+    from megatron_eopd.testing.tiny_qwen3 import make_tiny_qwen3
+
+    a = make_tiny_qwen3(tmp_path / "a", seed=5, num_layers=1)
+    b = make_tiny_qwen3(tmp_path / "b", seed=5, num_layers=1)
+    assert first_difference(a, b) is None
+    tensors = load_file(str(b / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name].view(-1).view(torch.int32)[7] ^= 1  # the lowest mantissa bit of one value
+    save_file(tensors, str(b / "model.safetensors"), metadata={"format": "pt"})
+    assert first_difference(a, b) == f"{name}: values differ"
+    del tensors[name]
+    save_file(tensors, str(b / "model.safetensors"), metadata={"format": "pt"})
+    assert name in first_difference(a, b)

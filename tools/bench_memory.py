@@ -30,6 +30,7 @@ Run every sub-command under ``flock /work/exp/bigmem.lock`` on a shared machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -232,20 +233,10 @@ def _rank_shard_bytes(arch, tp: int, itemsize: int) -> int:
 
 def _compare_hf(a: Path, b: Path) -> str:
     """Bit-for-bit comparison of two HF directories, one tensor in memory at a time."""
-    import torch
+    from megatron_eopd.checkpoint.safetensors_io import HFSafetensors, first_difference
 
-    from megatron_eopd.checkpoint.safetensors_io import HFSafetensors
-
-    left, right = HFSafetensors(a), HFSafetensors(b)
-    if set(left) != set(right):
-        return f"DIFFERENT names: {sorted(set(left) ^ set(right))[:4]}"
-    for name in left:
-        x, y = left[name], right[name]
-        if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.reshape(-1).view(torch.uint8),
-                                                                       y.reshape(-1).view(torch.uint8)):
-            return f"DIFFERENT at {name}"
-        del x, y
-    return f"bit-identical ({len(left)} tensors)"
+    difference = first_difference(a, b)
+    return f"DIFFERENT: {difference}" if difference else f"bit-identical ({len(HFSafetensors(a))} tensors)"
 
 
 # --------------------------------------------------------------------------- rows
@@ -494,8 +485,8 @@ def bench_trainer(args) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
             result = run_measured(cmd, log=work / f"trainer-{layers}l-tp{tp}.log", timeout=1500)
             config = load_train_config("tiny_cpu", overrides)
-            student = dataclasses_replace(QWEN3_PRESETS["Qwen3-0.6B"], layers)
-            teacher = dataclasses_replace(QWEN3_PRESETS["Qwen3-1.7B"], layers)
+            student = dataclasses.replace(QWEN3_PRESETS["Qwen3-0.6B"], num_layers=layers)
+            teacher = dataclasses.replace(QWEN3_PRESETS["Qwen3-1.7B"], num_layers=layers)
             plan = estimate_memory_gib(config, student, teacher, tp, 1, 1)
             TRAINER.append({"layers": layers, "tp": tp, "result": result, "plan": plan,
                             "command": _show(cmd), "student": student, "teacher": teacher})
@@ -505,12 +496,6 @@ def bench_trainer(args) -> None:
 
 
 TRAINER: list[dict] = []
-
-
-def dataclasses_replace(arch, layers):
-    import dataclasses
-
-    return dataclasses.replace(arch, num_layers=layers)
 
 
 def print_trainer_table() -> None:

@@ -121,19 +121,13 @@ def run_stage(name: str, command: list, log_dir: Path, rows: list[dict]) -> None
 
 
 def same_tensors(a: Path, b: Path) -> int:
-    """Every tensor of two HF directories equal bit for bit (read one at a time); returns the count."""
-    import torch
+    """Every tensor of two HF directories equal bit for bit; returns the count."""
+    from megatron_eopd.checkpoint.safetensors_io import HFSafetensors, first_difference
 
-    from megatron_eopd.checkpoint import HFSafetensors
-
-    left, right = HFSafetensors(a), HFSafetensors(b)
-    if set(left) != set(right):
-        raise SmokeError(f"{a} and {b} hold different tensors: {sorted(set(left) ^ set(right))[:6]}")
-    for name in left:
-        x, y = left[name], right[name]
-        if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
-            raise SmokeError(f"tensor {name} differs between {a} and {b}")
-    return len(left)
+    difference = first_difference(a, b)
+    if difference is not None:
+        raise SmokeError(f"{a} and {b} differ: {difference}")
+    return len(HFSafetensors(a))
 
 
 def torchrun(tool: str, *args) -> list:

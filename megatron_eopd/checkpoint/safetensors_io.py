@@ -83,3 +83,20 @@ class HFSafetensors(Mapping):
     def dtypes(self) -> dict[str, str]:
         """safetensors dtype names (``"F32"``, ``"BF16"``, ...)."""
         return dict(self._dtypes)
+
+
+def first_difference(a: Union[str, Path], b: Union[str, Path]) -> Union[str, None]:
+    """Where two HF directories' weights differ (names, dtype, shape or a bit), or None when every
+    tensor is bit-identical.  One tensor of each side is in memory at a time (an 8B compares in
+    ~1 GiB), and the bytes are compared, so NaN payloads and -0.0 count too."""
+    left, right = HFSafetensors(Path(a)), HFSafetensors(Path(b))
+    if set(left) != set(right):
+        return f"different tensor names: {sorted(set(left) ^ set(right))[:6]}"
+    for name in left:
+        x, y = left[name], right[name]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return f"{name}: {x.dtype} {list(x.shape)} vs {y.dtype} {list(y.shape)}"
+        if not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
+            return f"{name}: values differ"
+        del x, y
+    return None
