@@ -22,7 +22,9 @@ from megatron_eopd.models.qwen3.mapping import (
     LAYER_NAME,
     OUTPUT,
     QWEN3_MAPPING,
+    QKV,
     REPLICATED,
+    VOCAB,
     MappingError,
     WeightMapping,
     expected_hf_shapes,
@@ -184,18 +186,19 @@ def iter_hf_weights(
         if stage == pp_rank:
             param = local[key][2].detach()
             if tp_group is not None and entry.split != REPLICATED:
-                if to_rank is None:
-                    shards = [torch.empty_like(param) for _ in range(tp_size)]
+                # Only the TP rank on the path to the receiver assembles the full tensor: the
+                # others would hold it (and its shards) for nothing, 2.3 GiB at a time for an
+                # 8B's embedding.
+                on_path = to_rank is None or tp_rank == dst_tp
+                full, shards = _receive_buffers(entry, param, tp_size) if on_path else (None, None)
+                if to_rank is None and full is not None:
+                    dist.all_gather_into_tensor(full, param.contiguous(), group=tp_group)
+                elif to_rank is None:
                     dist.all_gather(shards, param.contiguous(), group=tp_group)
                 else:
-                    # Only the TP rank on the path to the receiver assembles the full tensor: the
-                    # others would hold it (and its shards) for nothing, 2.3 GiB at a time for an
-                    # 8B's embedding.
-                    on_path = tp_rank == dst_tp
-                    shards = [torch.empty_like(param) for _ in range(tp_size)] if on_path else None
-                    dist.gather(param.contiguous(), gather_list=shards,
-                                dst=dist.get_global_rank(tp_group, dst_tp), group=tp_group)
-                    shards = shards if on_path else None
+                    _gather_to(shards, param, tp_rank, dst_tp, tp_group)
+                if full is not None:
+                    shards = [full]  # the shards landed in place: the buffer is their concatenation
             else:
                 shards = [param]
             tensors = hf_from_shards(entry, shards, arch) if shards is not None else None
@@ -205,6 +208,41 @@ def iter_hf_weights(
         if i_receive:
             for name, tensor in zip(names, tensors):
                 yield name, (tensor if dtype is None else tensor.to(dtype))
+
+
+# Splits whose TP shards are consecutive row blocks of the full tensor: gathered straight into one
+# buffer, they need no concatenation, which for an embedding would be a second full copy (1.2 GiB
+# for an 8B's, on top of the rank's own shard, while converting).
+ROW_STACKED = (VOCAB, QKV)
+
+
+def _receive_buffers(entry: WeightMapping, param: torch.Tensor,
+                     tp_size: int) -> tuple[Optional[torch.Tensor], list[torch.Tensor]]:
+    """Buffers for ``tp_size`` shards like ``param``: (the full tensor they are row blocks of, or None; the shards)."""
+    if entry.split not in ROW_STACKED:
+        return None, [torch.empty_like(param) for _ in range(tp_size)]
+    full = torch.empty((tp_size * param.shape[0], *param.shape[1:]), dtype=param.dtype, device=param.device)
+    return full, list(full.split(param.shape[0], dim=0))
+
+
+def _gather_to(shards: Optional[list[torch.Tensor]], param: torch.Tensor, tp_rank: int, dst_tp: int,
+               tp_group: Any) -> None:
+    """The TP shards of ``param`` into ``shards`` on TP rank ``dst_tp`` (``shards`` is None elsewhere).
+
+    Point to point rather than ``dist.gather``: gloo's gather receives into one flat buffer of all the
+    shards and copies out of it, a second full tensor (1.2 GiB for an 8B's embedding) that made the
+    receiving rank of a 2-rank 8B export peak at 1.36x its shard.  ``recv`` writes into each buffer.
+    """
+    import torch.distributed as dist
+
+    if tp_rank != dst_tp:
+        dist.send(param.contiguous(), dst=dist.get_global_rank(tp_group, dst_tp), group=tp_group)
+        return
+    for source, shard in enumerate(shards):
+        if source == tp_rank:
+            shard.copy_(param)
+        else:
+            dist.recv(shard, src=dist.get_global_rank(tp_group, source), group=tp_group)
 
 
 def _move_across_stages(tensors, names, hf_shapes, src_stage, pp_rank, dst_stage, dst_tp, tp_rank,
