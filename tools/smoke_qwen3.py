@@ -56,38 +56,11 @@ class SmokeError(RuntimeError):
     """A stage failed or an input is missing; the message names it."""
 
 
-def _kib(path: str, field: str) -> int:
-    """A ``field:  N kB`` line of a /proc file, in bytes (0 once the process is gone)."""
-    try:
-        with open(path) as lines:
-            for line in lines:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return 0
-
-
-def _tree_memory(root) -> tuple[int, int]:
-    """(PSS summed over the process tree, the largest RssAnon of one of its processes).
-
-    PSS shares each page among the processes that map it, so the sum is the tree's real footprint
-    (the checkpoint writer's forked helpers and vLLM's shared buffers are not counted twice);
-    RssAnon per process is what issue 20's bounds speak of (under torchrun: the worst rank)."""
-    import psutil
-
-    try:
-        members = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0
-    pss = sum(_kib(f"/proc/{p.pid}/smaps_rollup", "Pss") for p in members)
-    anon = max((_kib(f"/proc/{p.pid}/status", "RssAnon") for p in members), default=0)
-    return pss, anon
-
-
 def run_stage(name: str, command: list, log_dir: Path, rows: list[dict]) -> None:
-    """Run one tool as its own process; record its wall time and its process tree's peak memory."""
-    import psutil
+    """Run one tool as its own process; record its wall time and its process tree's peak memory
+    (PSS summed over the tree, so pages shared by the checkpoint writer's forked helpers and vLLM's
+    processes count once; and the largest RssAnon of one process, which issue 20's bounds speak of)."""
+    from megatron_eopd.testing import proc_memory
 
     log = log_dir / f"{len(rows) + 1:02d}-{name.split()[0]}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -98,13 +71,12 @@ def run_stage(name: str, command: list, log_dir: Path, rows: list[dict]) -> None
     with open(log, "w") as sink:
         process = subprocess.Popen([str(c) for c in command], cwd=REPO, env=env, stdout=sink,
                                    stderr=subprocess.STDOUT)
-        handle = psutil.Process(process.pid)
         done = threading.Event()
 
         def sample() -> None:
             nonlocal peak_pss, peak_anon
             while not done.wait(0.25):
-                pss, anon = _tree_memory(handle)
+                pss, anon = proc_memory.tree_memory(process.pid)
                 peak_pss, peak_anon = max(peak_pss, pss), max(peak_anon, anon)
 
         sampler = threading.Thread(target=sample, daemon=True)
