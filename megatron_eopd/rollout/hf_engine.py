@@ -83,6 +83,28 @@ class HFRolloutEngine(RolloutEngine):
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         return generator
 
+    def _choose(self, logits: torch.Tensor, sampling: SamplingConfig,
+                generators: list[torch.Generator]) -> tuple[torch.Tensor, list[int], list[float]]:
+        """One decoding step's token per row and its log-prob, as vLLM reports it.
+
+        ``logits`` holds ``sampling.n`` consecutive rows per generator (one generator per prompt).
+        Returns the chosen ids as a tensor (the next step's input) and, copied to the host once per
+        step rather than per row, as lists with their log-probs.
+        """
+        logits = logits.float()
+        logits[:, self.padded_rows.start:self.padded_rows.stop] = float("-inf")
+        raw = torch.log_softmax(logits, dim=-1)
+        if sampling.temperature == 0:
+            choice, reported = logits.argmax(dim=-1), raw
+        else:
+            processed = torch.log_softmax(_top_p_filter(logits / sampling.temperature, sampling.top_p), dim=-1)
+            probs, n = processed.exp(), sampling.n
+            choice = torch.cat([torch.multinomial(probs[i * n:(i + 1) * n], 1, generator=generator)
+                                for i, generator in enumerate(generators)]).squeeze(-1)
+            reported = processed if self.config.logprobs_mode == "processed" else raw
+        picked = reported.gather(-1, choice[:, None]).squeeze(-1)
+        return choice, choice.tolist(), picked.tolist()
+
     @torch.no_grad()
     def _sample_prompts(
         self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[Optional[int]]
@@ -112,19 +134,7 @@ class HFRolloutEngine(RolloutEngine):
             out = self.model(input_ids=step_input, attention_mask=mask, position_ids=positions,
                              past_key_values=past, use_cache=True, logits_to_keep=1)
             past = out.past_key_values
-            logits = out.logits[:, -1, :].float()
-            logits[:, self.padded_rows.start:self.padded_rows.stop] = float("-inf")
-            raw = torch.log_softmax(logits, dim=-1)
-            if sampling.temperature == 0:
-                choice, reported = logits.argmax(dim=-1), raw
-            else:
-                processed = torch.log_softmax(_top_p_filter(logits / sampling.temperature, sampling.top_p), dim=-1)
-                probs = processed.exp()
-                choice = torch.cat([torch.multinomial(probs[i * n:(i + 1) * n], 1, generator=generators[i])
-                                    for i in range(len(prompts))]).squeeze(-1)
-                reported = processed if self.config.logprobs_mode == "processed" else raw
-            picked = reported.gather(-1, choice[:, None]).squeeze(-1)
-            chosen, chosen_logprobs = choice.tolist(), picked.tolist()
+            choice, chosen, chosen_logprobs = self._choose(out.logits[:, -1, :], sampling, generators)
             for row, (i, _) in enumerate(rows):
                 if done[row]:
                     continue
@@ -154,20 +164,7 @@ class HFRolloutEngine(RolloutEngine):
         for _ in range(max_new):
             out = self.model(input_ids=step_input, past_key_values=past, use_cache=True, logits_to_keep=1)
             past = out.past_key_values
-            logits = out.logits[:, -1, :].float()
-            logits[:, self.padded_rows.start:self.padded_rows.stop] = float("-inf")
-            raw = torch.log_softmax(logits, dim=-1)
-            if sampling.temperature == 0:
-                choice = logits.argmax(dim=-1)
-                reported = raw
-            else:
-                processed = torch.log_softmax(
-                    _top_p_filter(logits / sampling.temperature, sampling.top_p), dim=-1
-                )
-                choice = torch.multinomial(processed.exp(), 1, generator=generator).squeeze(-1)
-                reported = processed if self.config.logprobs_mode == "processed" else raw
-            picked = reported.gather(-1, choice[:, None]).squeeze(-1)
-            chosen, chosen_logprobs = choice.tolist(), picked.tolist()  # one host copy per step, not per row
+            choice, chosen, chosen_logprobs = self._choose(out.logits[:, -1, :], sampling, [generator])
             for row in range(n):
                 if finished[row]:
                     continue
