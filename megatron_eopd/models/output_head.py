@@ -34,7 +34,9 @@ def head_weight(model_chunk: Any) -> torch.Tensor:
     return model.output_layer.weight
 
 
-def _check_fusable(model: Any) -> None:
+def check_fusable(model: Any) -> None:
+    """Raise NotImplementedError naming the reason when the fused output layer cannot stand in for this
+    (unwrapped, last-stage) model's own output layer."""
     layer = model.output_layer
     if getattr(layer, "sequence_parallel", False):
         raise NotImplementedError("the fused output layer does not gather sequence-parallel hidden states; "
@@ -53,7 +55,7 @@ def final_hidden_states(model_chunk: Any) -> Iterator[None]:
     if not getattr(model, "post_process", False):
         yield
         return
-    _check_fusable(model)
+    check_fusable(model)
     layer = model.output_layer
 
     def pass_through(input_: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None, **_: Any):

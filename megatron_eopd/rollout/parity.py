@@ -242,12 +242,12 @@ def megatron_sequence_logprobs(
 
 def _fused_head_allowed(model: Any) -> bool:
     """Whether the fused-head path hands this model's final hidden states over (see output_head)."""
-    from megatron_eopd.models.output_head import _check_fusable
+    from megatron_eopd.models.output_head import check_fusable
 
     if not getattr(model, "post_process", False):
         return True  # not the last stage: nothing changes here
     try:
-        _check_fusable(model)
+        check_fusable(model)
     except NotImplementedError:
         return False
     return True
