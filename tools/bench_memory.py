@@ -35,105 +35,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from megatron_eopd.testing import proc_memory  # noqa: E402 (after the path)
+
 GIB = 1024**3
-MARK = "EOPD-MEMORY "  # prefix of the lines measured processes print on stderr
-
-
-# --------------------------------------------------------------------------- reading /proc
-
-
-def proc_status(pid="self") -> dict:
-    """VmHWM, VmRSS, RssAnon, RssFile, RssShmem of a process, in bytes (empty if it is gone)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                    out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        return {}
-    return out
-
-
-class SelfWatch:
-    """Samples this process's RssAnon / RssFile from a thread; ``mark(label)`` reports the peaks since
-    the previous mark and since the start on stderr (one ``EOPD-MEMORY {json}`` line)."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self.lock = threading.Lock()
-        self.total = {"anon": 0, "file": 0}
-        self.window = {"anon": 0, "file": 0}
-        self.rank = int(os.environ.get("RANK", "0"))
-        self._stop = threading.Event()
-        self.sample()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def sample(self) -> dict:
-        status = proc_status()
-        with self.lock:
-            for key, name in (("anon", "RssAnon"), ("file", "RssFile")):
-                value = status.get(name, 0)
-                self.total[key] = max(self.total[key], value)
-                self.window[key] = max(self.window[key], value)
-        return status
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def mark(self, label: str, **extra) -> dict:
-        status = self.sample()
-        with self.lock:
-            record = {"label": label, "rank": self.rank, "pid": os.getpid(), "time": time.time(),
-                      "peak_anon": self.total["anon"], "peak_file": self.total["file"],
-                      "window_peak_anon": self.window["anon"], "window_peak_file": self.window["file"],
-                      "now_anon": status.get("RssAnon", 0), "now_file": status.get("RssFile", 0),
-                      "vm_hwm": status.get("VmHWM", 0), **extra}
-            self.window = {"anon": 0, "file": 0}
-        print(MARK + json.dumps(record), file=sys.stderr, flush=True)
-        return record
-
-
-def private_dirty(pid) -> int:
-    """Pages this process alone has written: what a forked child adds to its parent."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Private_Dirty:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        for child in children.get(pid, []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _comm(pid: int) -> str:
@@ -158,14 +68,14 @@ def run_measured(command: list, *, env_extra: dict | None = None, log: Path | No
         proc = subprocess.Popen([str(c) for c in command], cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
         seen: dict[int, dict] = {}
         while proc.poll() is None:
-            for pid in descendants(proc.pid):
-                status = proc_status(pid)
+            for pid in proc_memory.descendants(proc.pid):
+                status = proc_memory.status(pid)
                 if not status:
                     continue
                 info = seen.setdefault(pid, {"pid": pid, "cmd": _comm(pid), "peak_anon": 0, "vm_hwm": 0,
                                              "peak_private": 0})
                 info["peak_anon"] = max(info["peak_anon"], status.get("RssAnon", 0))
-                info["peak_private"] = max(info["peak_private"], private_dirty(pid))
+                info["peak_private"] = max(info["peak_private"], proc_memory.private_dirty(pid))
                 info["vm_hwm"] = max(info["vm_hwm"], status.get("VmHWM", 0))
             if time.time() - start > timeout:
                 proc.kill()
@@ -180,13 +90,13 @@ def read_marks(log: Path) -> list[dict]:
     if log == Path(os.devnull):
         return []
     text, decoder, marks = Path(log).read_text(errors="replace"), json.JSONDecoder(), []
-    at = text.find(MARK)
+    at = text.find(proc_memory.MARK)
     while at >= 0:
         try:
-            marks.append(decoder.raw_decode(text, at + len(MARK))[0])
+            marks.append(decoder.raw_decode(text, at + len(proc_memory.MARK))[0])
         except json.JSONDecodeError:
             pass  # cut by another rank's output: that mark is lost
-        at = text.find(MARK, at + len(MARK))
+        at = text.find(proc_memory.MARK, at + len(proc_memory.MARK))
     return marks
 
 
@@ -202,8 +112,8 @@ def gib(n: float) -> str:
 
 
 def _watched(argv: list[str]) -> int:
-    """``_watched MODULE:FUNCTION ARGS...``: run a ``main(argv)`` under a :class:`SelfWatch`."""
-    watch = SelfWatch()
+    """``_watched MODULE:FUNCTION ARGS...``: run a ``main(argv)`` under a :class:`~megatron_eopd.testing.proc_memory.SelfWatch`."""
+    watch = proc_memory.SelfWatch()
     target, args = argv[0], argv[1:]
     module, _, function = target.partition(":")
     import importlib
@@ -321,7 +231,7 @@ def bench_convert(args) -> None:
 
 def _teacher_rank(argv: list[str]) -> int:
     """``_teacher TP DTYPE HF_DIR [CHECKPOINT]``: one rank builds and loads the teacher as the trainer does."""
-    watch = SelfWatch()
+    watch = proc_memory.SelfWatch()
     tp, dtype_name, hf_dir = int(argv[0]), argv[1], argv[2]
     checkpoint = argv[3] if len(argv) > 3 else None
     import torch
@@ -391,7 +301,7 @@ def _tensor_bytes(tensors) -> int:
 
 def _trainer_rank(argv: list[str]) -> int:
     """``_trainer OVERRIDES...``: ``train_eopd.py --config tiny_cpu OVERRIDES`` with memory marks."""
-    watch = SelfWatch()
+    watch = proc_memory.SelfWatch()
     import torch
 
     from megatron_eopd.trainer import cli, loop, rollouts, student
