@@ -486,6 +486,18 @@ def test_non_finite_gradients_are_seen_in_main_grad_or_grad():
     model[1].bias.grad[0] = 0.0
     model[0].weight.main_grad = torch.full_like(model[0].weight, float("inf"))  # Megatron's fp32 buffer wins
     assert _non_finite_gradients([model])
+    del model[0].weight.main_grad
+    # Finite values whose sum overflows float32 are finite gradients; +inf and -inf that cancel are not.
+    model[0].weight.grad = torch.full_like(model[0].weight, 3e38)
+    assert torch.isinf(model[0].weight.grad.sum()) and not _non_finite_gradients([model])
+    model[0].weight.grad[0, :2] = torch.tensor([float("inf"), float("-inf")])
+    assert _non_finite_gradients([model])
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    bf16 = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    bf16.weight.grad = torch.ones_like(bf16.weight)
+    assert not _non_finite_gradients([model, bf16])
+    bf16.weight.grad[3, 3] = float("-inf")
+    assert _non_finite_gradients([model, bf16])
 
 
 def test_the_fleet_returns_cached_gpu_memory_before_an_engine_starts_or_wakes(task_student, monkeypatch):

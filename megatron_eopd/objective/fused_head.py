@@ -102,10 +102,9 @@ class _HeadTokenLoss(torch.autograd.Function):
         blocks = range(0, max(rows, 1), step)  # no rows: one empty block, for the outputs' shapes
         # One block: its weight gradient is one matmul; several: summed in fp32 (16-bit weights).
         accumulate_fp32 = len(blocks) > 1 and weight.dtype in (torch.bfloat16, torch.float16)
-        grad_weight = None
-        if want_grad:
-            grad_weight = torch.zeros(weight.shape, device=weight.device,
-                                      dtype=torch.float32 if accumulate_fp32 else weight.dtype)
+        # Written by the first block's product, not zero-filled first: at Qwen3's 151,936 rows a
+        # zeroed fp32 [V, hidden] buffer is a 622 MB pass of its own (a second of a CPU step).
+        grad_weight: Optional[Tensor] = None
         total = hidden.new_zeros((), dtype=compute_dtype(weight.dtype))
         term_parts: dict[str, list[Tensor]] = {name: [] for name in TokenTerms._fields if name != "teacher_log_z"}
         extra_parts: dict[str, list[Tensor]] = {}
@@ -120,7 +119,10 @@ class _HeadTokenLoss(torch.autograd.Function):
             if want_grad and block_loss.requires_grad:
                 (grad_z,) = torch.autograd.grad(block_loss, z)
                 grad_hidden[lo:hi] = (grad_z @ weight).to(hidden.dtype)
-                if accumulate_fp32:
+                if grad_weight is None:
+                    grad_weight = grad_z.t() @ h_block.to(weight.dtype)
+                    grad_weight = grad_weight.float() if accumulate_fp32 else grad_weight
+                elif accumulate_fp32:
                     grad_weight.add_(grad_z.t() @ h_block.to(weight.dtype))
                 else:
                     grad_weight.addmm_(grad_z.t(), h_block.to(weight.dtype))
@@ -137,6 +139,8 @@ class _HeadTokenLoss(torch.autograd.Function):
             size, _ = tp_size_and_rank(plan.group)
             if size > 1:
                 dist.all_reduce(grad_hidden, group=plan.group)  # Σ over the vocabulary shards
+            if grad_weight is None:  # no block had a loss that depends on the weights
+                grad_weight = torch.zeros_like(weight)
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 
