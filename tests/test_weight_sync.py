@@ -182,6 +182,22 @@ def test_probe_passes_before_any_training(engine, student, probe_seqs):
     assert report.passed and report.num_tokens == 3 * 39
 
 
+@pytest.mark.vllm
+def test_a_probe_only_sync_moves_nothing_and_still_sees_a_stale_engine(engine, student, syncer, probe_seqs):
+    """The trainer's first sync of a fresh run (the engine loaded the student's own files) only probes:
+    no tensor moves, and an engine that does not hold the student's weights still fails it."""
+    from megatron_eopd.rollout import ParityProbeError
+
+    report = syncer.sync(student, transfer=False)
+    assert report.load is None and report.parity is not None and report.parity.passed
+    assert [p for p in report.parts if not p.startswith("probe_")] == []
+    _perturb(student, scale=0.01, seed=SEED + 3)
+    with pytest.raises(ParityProbeError):
+        syncer.sync(student, transfer=False)
+    report = syncer.sync(student)
+    assert report.load.num_tensors > 0 and report.parity.passed, report.parity.summary()
+
+
 # --------------------------------------------------------------------------- the two sync paths
 
 

@@ -238,8 +238,13 @@ class WeightSyncer:
         parts["probe_compare"], _ = _lap(start)
         return report
 
-    def sync(self, model_chunks: Any, *, method: Optional[str] = None, probe: bool = True) -> SyncReport:
-        """Move the current weights into the engines, then (``probe``) run the parity probe; all ranks call."""
+    def sync(self, model_chunks: Any, *, method: Optional[str] = None, probe: bool = True,
+             transfer: bool = True) -> SyncReport:
+        """Move the current weights into the engines, then (``probe``) run the parity probe; all ranks call.
+
+        ``transfer=False``: only the probe, for engines that already hold these weights (they loaded
+        the files the model was loaded from, in the same dtype); the probe is what confirms it.
+        """
         method = method or self.config.weight_sync
         if method not in ("memory", "disk"):
             raise ValueError(f"sync method must be 'memory' or 'disk', got {method!r}")
@@ -257,20 +262,21 @@ class WeightSyncer:
         try:
             if route.exports:
                 arch = self._arch(model_chunks)
-                stream = self.exporter(model_chunks, arch, to_rank=route.to_rank)
-                if self.engine is None:
-                    _drain(stream)
-                elif method == "memory":
-                    load = self.engine.load_weights(stream)
-                else:
-                    load = self._load_from_disk(stream, arch, self._sync_dtype(model_chunks))
+                if transfer:
+                    stream = self.exporter(model_chunks, arch, to_rank=route.to_rank)
+                    if self.engine is None:
+                        _drain(stream)
+                    elif method == "memory":
+                        load = self.engine.load_weights(stream)
+                    else:
+                        load = self._load_from_disk(stream, arch, self._sync_dtype(model_chunks))
                 if load is not None:
                     self.last_parts.update(load.parts or {"load": load.seconds})
                 # Every rank of the replica takes part in the probe's forward before anyone may
                 # raise, so a failure found on an engine's rank never strands the others.
                 if probe and self.config.parity.enabled:
                     parity = self._probe(model_chunks, arch, route, method)
-                if self.engine is not None and self.strict and load.not_updated:
+                if load is not None and self.strict and load.not_updated:
                     raise WeightSyncError(
                         f"weight sync step {self.step} ({method}) left {len(load.not_updated)} engine "
                         f"parameters unwritten (stale): {load.not_updated[:6]}"

@@ -30,7 +30,9 @@ def train(config: EOPDTrainConfig, *, resume: bool = False) -> list[dict]:
     every = config.logging.summary_interval(session.iterations)
     try:
         if distill:
-            session.fleet.sync(session.student.chunks)  # the engines serve exactly the (resumed) student
+            # The engines serve exactly the (resumed) student; on a fresh start they loaded its own
+            # files, and the parity probe alone confirms it.
+            session.fleet.sync(session.student.chunks, transfer=not session.engines_hold_student)
         for iteration in range(session.state.iteration + 1, session.iterations + 1):
             timer, start = phases.PhaseTimer(), time.perf_counter()
             with timer("rollout"):

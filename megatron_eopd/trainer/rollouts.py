@@ -84,9 +84,10 @@ class RolloutFleet:
         dist.all_gather_object(everyone, mine)
         return [result for host in self.hosts for result in everyone[host]]
 
-    def sync(self, model_chunks) -> SyncReport:
+    def sync(self, model_chunks, *, transfer: bool = True) -> SyncReport:
+        """The weights into the engines and the parity probe (``transfer=False``: the probe only)."""
         release_cached_memory(self.device)  # the sync wakes the engines
-        return self.syncer.sync(model_chunks)
+        return self.syncer.sync(model_chunks, transfer=transfer)
 
     def sleep(self) -> None:
         if self.engine is not None:

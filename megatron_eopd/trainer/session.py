@@ -50,6 +50,9 @@ class Session:
     iterations: int
     vocab_size: int
     rollouts: Optional[RolloutLog] = None  # logging.save_rollouts
+    # The engines loaded the files the student was loaded from, in the student's dtype: they already
+    # hold its weights (a fresh start from student.hf_dir), so the first sync only probes.
+    engines_hold_student: bool = False
     extras: dict = field(default_factory=dict)
 
     @property
@@ -187,4 +190,6 @@ def open_session(config: EOPDTrainConfig, *, resume: bool = False) -> Session:
         log=MetricsLog(run_dir, tensorboard=config.logging.tensorboard, resume_from=state.iteration),
         state=state, iterations=layout.iterations, vocab_size=_token_count(config, tokenizer),
         rollouts=RolloutLog(run_dir, resume_from=state.iteration) if config.logging.save_rollouts else None,
+        engines_hold_student=(checkpoint is None and config.student.checkpoint is None
+                              and config.rollout.dtype != "auto" and getattr(torch, config.rollout.dtype, None) == dtype),
     )
