@@ -131,11 +131,24 @@ def test_aggregation_and_verdicts_follow_the_numbers(tmp_path):
     assert verdicts["fkl_high_entropy"]["status"] == "holds in the mean, within the seed spread"
     assert verdicts["pass_at_k"]["status"].startswith("reversed, beyond the seed spread")  # 0.5 vs 0.75, no spread
     assert verdicts["pass_at_k"]["delta"] == pytest.approx(-0.25)
+    # The paired intervals: entropy +0.20 in every seed pair (an interval of width 0, so it holds);
+    # Pass@8 per problem: EOPD loses problem 3 (1 of 8 correct for OPD) in every seed, -1/4 each time.
+    entropy_interval = verdicts["entropy"]["interval"]
+    assert entropy_interval["delta"] == pytest.approx(0.20) and entropy_interval["verdict"] == "holds"
+    assert (entropy_interval["num_seeds"], entropy_interval["num_problems"]) == (3, 1)
+    pass8_interval = verdicts["pass_at_k"]["intervals"]["pass@8"]
+    assert pass8_interval["delta"] == pytest.approx(-0.25) and pass8_interval["num_problems"] == 4
+    assert pass8_interval["low"] <= -0.25 <= pass8_interval["high"] and pass8_interval["verdict"] == "cannot tell at this budget"
+    # Pass@1 per problem from the counts: EOPD - OPD = mean over seeds and problems of (c_e - c_o) / 8.
+    diffs = [(e - o) / 8 for seed in (1, 2, 3)
+             for e, o in zip(values[("eopd", seed)][2], values[("opd", seed)][2])]
+    assert verdicts["pass_at_k"]["intervals"]["pass@1"]["delta"] == pytest.approx(sum(diffs) / len(diffs))
 
     report = (tmp_path / "report.md").read_text()
     assert section_titles(report) == list(SECTIONS)
     assert "EOPD sustains the student's token entropy better than OPD: holds, beyond the seed spread." in report
     assert "0.620 ± 0.020" in report and "+0.200" in report
+    assert "Paired bootstrap (3 seeds): +0.200, 95% interval [+0.200, +0.200]: **holds**" in report
     rows = {row[0]: row for row in table_rows(report, "method")}
     assert set(rows) == {"OPD", "EOPD"}
     assert rows["EOPD"][-1] == "50.0 ± 0.0" and rows["OPD"][-1] == "75.0 ± 0.0"
@@ -154,7 +167,7 @@ def test_one_seed_and_missing_runs_are_said_plainly(tmp_path):
     assert "**Incomplete:**" in report and "runs/eopd-seed1" in report
 
     (tmp_path / "runs" / "eopd-seed1" / "eval.json").write_text(json.dumps({"results": {HELDOUT: [
-        {"samples": [{"correct": True}] * 8}, {"samples": [{"correct": False}] * 8}]}}))
+        {"id": "p0", "samples": [{"correct": True}] * 8}, {"id": "p1", "samples": [{"correct": False}] * 8}]}}))
     summary = write_report(tmp_path)
     statuses = [d["status"] for d in summary["directions"]]
     assert statuses[0] == "holds in the mean (one seed: spread unknown)"

@@ -63,6 +63,19 @@ def fmt_delta(value: Optional[float], kind: str) -> str:
     return f"{sign}{fmt(abs(value), kind)}" + (" points" if kind == "pct" else "")
 
 
+def fmt_interval(interval: Optional[dict], kind: str) -> str:
+    """``[low, high] (95%, S seeds x P problems): verdict; smallest detectable effect X``."""
+    if not interval:
+        return ""
+    shape = (f"{interval['num_seeds']} seeds x {interval['num_problems']} problems" if interval["num_problems"] > 1
+             else f"{interval['num_seeds']} seeds")
+    unit = " points" if kind == "pct" else ""
+    return (f"paired bootstrap ({shape}): {fmt_delta(interval['delta'], kind)}, "
+            f"{100 * interval['level']:.0f}% interval [{fmt_delta(interval['low'], kind).replace(' points', '')}, "
+            f"{fmt_delta(interval['high'], kind).replace(' points', '')}]{unit}: **{interval['verdict']}**; "
+            f"smallest effect this budget detects (80% power): {fmt(interval['smallest_detectable'], kind)}{unit}")
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -210,13 +223,17 @@ def _verdict_lines(summary: dict) -> list[str]:
         if d.get("every_seed_separated") is not None:
             text += (" Every EOPD seed is on the paper's side of every OPD seed."
                      if d["every_seed_separated"] else " The seeds of the two methods overlap.")
+        if d.get("interval"):
+            text += " " + fmt_interval(d["interval"], kind)[0].upper() + fmt_interval(d["interval"], kind)[1:] + "."
         lines.append(text)
         for name, c in (d.get("per_k") or {}).items():
             if c.get("delta") is None:
                 continue
+            interval = (d.get("intervals") or {}).get(name)
             lines.append(f"  - {name.replace('pass', 'Pass')}: {c['status']}; EOPD − OPD {fmt_delta(c['delta'], 'pct')}"
                          + (f", seed spread {fmt(c['spread_sum'], 'pct')} points" if c.get("spread_sum") is not None
-                            else ""))
+                            else "")
+                         + (f"; {fmt_interval(interval, 'pct')}" if interval else ""))
     return lines
 
 

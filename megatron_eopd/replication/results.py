@@ -29,7 +29,10 @@ from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from megatron_eopd.evaluation import runner
+from megatron_eopd.replication import intervals
 from megatron_eopd.replication.study import (
     EVAL_FILE,
     HELDOUT,
@@ -83,6 +86,8 @@ def read_run(run_dir: Path, method: str, seed: int, config: StudyConfig, study_d
     first = {key: mean_of(values[:window]) for key, values in curves.items()}
     final = {key: mean_of(values[-window:]) for key, values in curves.items()}
     heldout = heldout_metrics(run_dir / EVAL_FILE)
+    graded = json.loads((run_dir / EVAL_FILE).read_text())["results"]
+    correct = runner.correctness(graded)[HELDOUT]
     timing_path = run_dir / TIMING_FILE
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     scalars = {
@@ -101,6 +106,8 @@ def read_run(run_dir: Path, method: str, seed: int, config: StudyConfig, study_d
         "iterations": [r["iteration"] for r in records], "window": window,
         "curves": curves, "scalars": scalars, "num_problems": int(heldout["num_problems"]),
         "samples_per_problem": int(heldout["n"]), "timing": timing,
+        "correct_per_problem": [sum(row) for row in correct],
+        "problem_ids": [str(row.get("id")) for row in graded[HELDOUT]],
         "files": {"metrics": str(relative / "metrics.jsonl"), "eval": str(relative / EVAL_FILE)},
     }
 
@@ -169,7 +176,9 @@ def compare(eopd: dict, opd: dict, better: str) -> dict:
             "every_seed_separated": separated if (e_vals and o_vals and len(e_vals) + len(o_vals) > 2) else None}
 
 
-def directions(per_method: dict, config: StudyConfig) -> list[dict]:
+def directions(per_method: dict, config: StudyConfig, runs: Optional[Sequence[dict]] = None) -> list[dict]:
+    """The paper's three claims, each with the seed-spread comparison and (given the runs) the paired
+    bootstrap interval of :mod:`.intervals` and its verdict."""
     out = []
     for spec in DIRECTIONS:
         entry = dict(spec)
@@ -186,8 +195,53 @@ def directions(per_method: dict, config: StudyConfig) -> list[dict]:
         entry["metric"] = metric
         entry["eopd"], entry["opd"] = per_method["eopd"][metric], per_method["opd"][metric]
         entry.update(compare(entry["eopd"], entry["opd"], spec["better"]))
+        if runs is not None:
+            if spec["key"] == "pass_at_k":
+                entry["intervals"] = {f"pass@{k}": pass_at_k_interval(runs, k) for k in config.ks}
+                entry["interval"] = entry["intervals"][metric]
+            else:
+                entry["interval"] = scalar_interval(runs, spec["metric"], spec["better"])
         out.append(entry)
     return out
+
+
+def paired_seeds(runs: Sequence[dict]) -> list[int]:
+    """Seeds with both an OPD and an EOPD run, in order: the pairs every interval is computed over."""
+    seeds = {m: {r["seed"] for r in runs if r["method"] == m} for m in ("eopd", "opd")}
+    return sorted(seeds["eopd"] & seeds["opd"])
+
+
+def _run_of(runs: Sequence[dict], method: str, seed: int) -> dict:
+    return next(r for r in runs if r["method"] == method and r["seed"] == seed)
+
+
+def pass_at_k_interval(runs: Sequence[dict], k: int) -> Optional[dict]:
+    """EOPD minus OPD in per-problem Pass@k, paired by seed, bootstrapped over seeds and problems."""
+    seeds = paired_seeds(runs)
+    if not seeds:
+        return None
+    arrays = {}
+    for method in ("eopd", "opd"):
+        rows = []
+        for seed in seeds:
+            run = _run_of(runs, method, seed)
+            if run["problem_ids"] != _run_of(runs, "opd", seed)["problem_ids"]:
+                raise ValueError(f"{run['dir']} was evaluated on other held-out problems than the OPD run of "
+                                 f"seed {seed}: the runs cannot be paired (evaluate them on the same split)")
+            rows.append(intervals.per_problem_pass_at_k(run["correct_per_problem"], run["samples_per_problem"], k))
+        arrays[method] = np.stack(rows)
+    return intervals.paired_interval(arrays["eopd"], arrays["opd"], "higher").to_dict()
+
+
+def scalar_interval(runs: Sequence[dict], metric: str, better: str) -> Optional[dict]:
+    """EOPD minus OPD in a per-run quantity, paired by seed, bootstrapped over seeds."""
+    pairs = [(_run_of(runs, "eopd", s)["scalars"].get(metric), _run_of(runs, "opd", s)["scalars"].get(metric))
+             for s in paired_seeds(runs)]
+    pairs = [(e, o) for e, o in pairs if e is not None and o is not None]
+    if not pairs:
+        return None
+    return intervals.paired_interval(np.array([e for e, _ in pairs]), np.array([o for _, o in pairs]),
+                                     better).to_dict()
 
 
 def reference_metrics(study_dir: Path) -> dict:
@@ -233,7 +287,7 @@ def summarize_study(study_dir: Path) -> dict[str, Any]:
         "per_method": per_method,
         "curves": curves,
         "references": reference_metrics(study_dir),
-        "directions": directions(per_method, config),
+        "directions": directions(per_method, config, runs),
         "timing": {"study": study_timing, "runs_s": run_seconds,
                    "total_s": run_seconds + sum(study_timing.values())},
         "files": {"study": STUDY_FILE},
