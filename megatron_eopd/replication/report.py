@@ -193,6 +193,45 @@ def plot_pass_at_k(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_pass_at_k_curves(summary: dict, path: Path) -> None:
+    """Pass@k against k (1, 2, 4, ... n) per method: the mean over seeds, a band from the lowest to the
+    highest seed and each seed as a thin line; the references dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
+    for method, curve in summary["pass_at_k_curves"].items():
+        color, ks = COLORS.get(method), curve["k"]
+        ax.plot(ks, [100 * v for v in curve["mean"]], marker="o", ms=3, color=color,
+                label=f"{METHODS[method].label} ({len(curve['seeds'])} seeds)")
+        if len(curve["seeds"]) > 1:
+            ax.fill_between(ks, [100 * v for v in curve["min"]], [100 * v for v in curve["max"]], color=color,
+                            alpha=0.18, linewidth=0)
+            for values in curve["per_seed"]:
+                ax.plot(ks, [100 * v for v in values], color=color, alpha=0.35, linewidth=0.6)
+    for name, label, color in (("student_base", "student base", "#888888"), ("teacher", "teacher", "#222222")):
+        reference = summary["references"].get(name)
+        if reference:
+            ks = [k for k in next(iter(summary["pass_at_k_curves"].values()))["k"] if f"pass@{k}" in reference]
+            ax.plot(ks, [100 * reference[f"pass@{k}"] for k in ks], linestyle="--", color=color, label=label)
+    ax.set_xscale("log", base=2)
+    ks = next(iter(summary["pass_at_k_curves"].values()))["k"] if summary["pass_at_k_curves"] else [1]
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("held-out Pass@k (%)")
+    ax.set_title(f"Held-out Pass@k curves ({summary['config']['eval_problems']} test problems x "
+                 f"{summary['config']['eval_samples']} samples)\nline: mean over seeds, band: lowest to highest "
+                 "seed, thin lines: seeds", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- Markdown
 
 
@@ -235,6 +274,25 @@ def _verdict_lines(summary: dict) -> list[str]:
                             else "")
                          + (f"; {fmt_interval(interval, 'pct')}" if interval else ""))
     return lines
+
+
+def _pass_at_k_interval_table(summary: dict) -> list[str]:
+    """EOPD - OPD at every k of the curve: paired bootstrap interval and verdict."""
+    claim = next((d for d in summary["directions"] if d["key"] == "pass_at_k"), {})
+    rows = []
+    for name, interval in (claim.get("intervals") or {}).items():
+        if interval:
+            rows.append([name.replace("pass", "Pass"), fmt_delta(interval["delta"], "pct").replace(" points", ""),
+                         f"[{fmt_delta(interval['low'], 'pct').replace(' points', '')}, "
+                         f"{fmt_delta(interval['high'], 'pct').replace(' points', '')}]",
+                         fmt(interval["smallest_detectable"], "pct"), interval["verdict"]])
+    if not rows:
+        return []
+    level = next(iter(claim["intervals"].values()))["level"]
+    return _table(["k", "EOPD − OPD (points)", f"{100 * level:.0f}% interval (points)",
+                   "smallest detectable (points)", "verdict"], rows, ["l", "r", "r", "r", "l"]) + [
+        "", "Paired by seed (same teacher, student base and prompts), bootstrapped over seeds and problems; "
+        "smallest detectable: the difference this budget finds with 80% probability.", ""]
 
 
 def _results_table(summary: dict) -> list[str]:
@@ -319,7 +377,9 @@ def render_markdown(summary: dict, plots: dict) -> str:
     for key, filename, _, title in CURVES:
         lines += [f"![{title}]({plots[key]})", ""]
     lines += [f"## {SECTIONS[3]}", "", f"![Held-out Pass@k]({plots['pass_at_k']})", "",
-              "Grey bars: the student base before distillation and the teacher (one evaluation each).", ""]
+              "Grey bars: the student base before distillation and the teacher (one evaluation each).", "",
+              f"![Held-out Pass@k curves]({plots['pass_at_k_curves']})", ""]
+    lines += _pass_at_k_interval_table(summary)
     lines += [f"## {SECTIONS[4]}", ""]
     lines += _per_run_table(summary)
     lines += ["", f"## {SECTIONS[5]}", ""]
@@ -376,6 +436,8 @@ def write_report(study_dir: Path) -> dict:
             plots[key] = f"{PLOT_DIR}/{filename}"
         plot_pass_at_k(summary, plot_dir / "pass_at_k.png")
         plots["pass_at_k"] = f"{PLOT_DIR}/pass_at_k.png"
+        plot_pass_at_k_curves(summary, plot_dir / "pass_at_k_curves.png")
+        plots["pass_at_k_curves"] = f"{PLOT_DIR}/pass_at_k_curves.png"
     summary["plots"] = plots
     write_json(study_dir / SUMMARY_FILE, summary)
     if summary["runs"]:

@@ -107,9 +107,27 @@ def read_run(run_dir: Path, method: str, seed: int, config: StudyConfig, study_d
         "curves": curves, "scalars": scalars, "num_problems": int(heldout["num_problems"]),
         "samples_per_problem": int(heldout["n"]), "timing": timing,
         "correct_per_problem": [sum(row) for row in correct],
+        "pass_at_k_curve": pass_at_k_curve(heldout),
         "problem_ids": [str(row.get("id")) for row in graded[HELDOUT]],
         "files": {"metrics": str(relative / "metrics.jsonl"), "eval": str(relative / EVAL_FILE)},
     }
+
+
+def pass_at_k_curve(heldout: dict) -> dict:
+    """Held-out Pass@k at k = 1, 2, 4, ... up to the number of samples per problem."""
+    ks = intervals.pass_at_k_curve_ks(int(heldout["n"]))
+    return {"k": ks, "values": [float(heldout[f"pass@{k}"]) for k in ks]}
+
+
+def aggregate_pass_at_k_curves(runs: Sequence[dict]) -> dict:
+    """Per k, the mean, min and max over the runs (seeds), and each run's curve."""
+    ks = runs[0]["pass_at_k_curve"]["k"]
+    if any(r["pass_at_k_curve"]["k"] != ks for r in runs):
+        raise ValueError("the runs were evaluated with different numbers of samples per problem")
+    per_seed = [r["pass_at_k_curve"]["values"] for r in runs]
+    columns = list(zip(*per_seed))
+    return {"k": ks, "mean": [fmean(c) for c in columns], "min": [min(c) for c in columns],
+            "max": [max(c) for c in columns], "seeds": [r["seed"] for r in runs], "per_seed": per_seed}
 
 
 def heldout_keys(config: StudyConfig) -> list[str]:
@@ -197,7 +215,10 @@ def directions(per_method: dict, config: StudyConfig, runs: Optional[Sequence[di
         entry.update(compare(entry["eopd"], entry["opd"], spec["better"]))
         if runs is not None:
             if spec["key"] == "pass_at_k":
-                entry["intervals"] = {f"pass@{k}": pass_at_k_interval(runs, k) for k in config.ks}
+                # The verdict at every k of the curve, and at the configured ones.
+                curve_ks = intervals.pass_at_k_curve_ks(config.eval_samples)
+                entry["intervals"] = {f"pass@{k}": pass_at_k_interval(runs, k)
+                                      for k in sorted(set(curve_ks) | set(config.ks))}
                 entry["interval"] = entry["intervals"][metric]
             else:
                 entry["interval"] = scalar_interval(runs, spec["metric"], spec["better"])
@@ -264,7 +285,7 @@ def summarize_study(study_dir: Path) -> dict[str, Any]:
             runs.append(read_run(run_dir, method, seed, config, study_dir))
         else:
             missing.append(str(run_dir.relative_to(study_dir)))
-    per_method, curves = {}, {}
+    per_method, curves, pass_curves = {}, {}, {}
     scalar_keys = list(runs[0]["scalars"]) if runs else []
     for method in config.methods:
         mine = [r for r in runs if r["method"] == method]
@@ -273,6 +294,7 @@ def summarize_study(study_dir: Path) -> dict[str, Any]:
         per_method[method] = {key: spread([r["scalars"][key] for r in mine]) for key in scalar_keys}
         per_method[method]["seeds"] = [r["seed"] for r in mine]
         curves[method] = {key: aggregate_curves(mine, key) for key in TRAINING_METRICS}
+        pass_curves[method] = aggregate_pass_at_k_curves(mine)
     timing_path = study_dir / TIMING_FILE
     study_timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     run_seconds = sum(sum(r["timing"].values()) for r in runs)
@@ -286,6 +308,7 @@ def summarize_study(study_dir: Path) -> dict[str, Any]:
         "missing_runs": missing,
         "per_method": per_method,
         "curves": curves,
+        "pass_at_k_curves": pass_curves,
         "references": reference_metrics(study_dir),
         "directions": directions(per_method, config, runs),
         "timing": {"study": study_timing, "runs_s": run_seconds,
