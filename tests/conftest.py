@@ -12,7 +12,7 @@ _selected_specs = []
 def pytest_configure(config):
     config.addinivalue_line("markers", "multirank: runs inside the shared torchrun launch on gloo ranks")
     config.addinivalue_line("markers", "vllm: needs a real vLLM installation")
-    config.addinivalue_line("markers", "slurm: starts a real single-node Slurm (needs root)")
+    config.addinivalue_line("markers", "slurm: starts a real Slurm, one node or several simulated in namespaces (needs root)")
 
 
 def pytest_collection_finish(session):
