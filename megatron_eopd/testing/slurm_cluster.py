@@ -407,8 +407,9 @@ class LocalSlurm:
                        exit_code=fields.get("ExitCode", "?"),
                        restarts=int(fields.get("Restarts", "0") or 0), fields=fields)
 
-    def release_requeued(self, job_id: str, timeout_s: float = 120.0) -> JobInfo:
-        """Wait until ``job_id`` is requeued and its first run has left the node, then start it now.
+    def release_requeued(self, job_id: str, timeout_s: float = 120.0, exclude: Sequence[str] = ()) -> JobInfo:
+        """Wait until ``job_id`` is requeued and its first run has left the node, then start it now
+        (on nodes other than ``exclude``: a requeued job that comes back on other hosts).
 
         Slurm holds a requeued job back (``Reason=BeginTime``, about two minutes) partly so the old
         run's step daemons can finish; releasing it earlier can launch the new batch script while
@@ -436,7 +437,10 @@ class LocalSlurm:
                 raise TimeoutError(f"the first run of job {job_id} still has step daemons after {timeout_s:.0f} s")
             time.sleep(0.3)
         time.sleep(max(0.0, requeued_at + 2.0 - time.time()))
-        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        update = ["scontrol", "update", f"JobId={job_id}", "StartTime=now"]
+        if exclude:
+            update.append(f"ExcNodeList={','.join(exclude)}")
+        self.run(update)
         return self.job(job_id)
 
     def wait(self, job_id: str, timeout_s: float, poll_s: float = 1.0) -> JobInfo:
