@@ -95,7 +95,10 @@ def collective_timeout_s() -> float:
     except ValueError:
         value = float("nan")
     if not value > 0 or math.isinf(value):
-        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+        # A ConfigError: the trainer's command line reports it in one line, exit 2, before any rank waits.
+        from megatron_eopd.config import ConfigError
+
+        raise ConfigError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
     return value
 
 
