@@ -381,10 +381,13 @@ def test_tiny_job_under_sbatch(slurm_cluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_tiny_job_requeued_by_the_launcher_resumes(slurm_cluster, tmp_path):
-    """The launcher's own requeue path: USR1 mid-training -> scontrol requeue -> second run completes."""
+def test_tiny_job_requeued_by_the_launcher_resumes(slurm_cluster, slurm_tiny_assets, tmp_path):
+    """The launcher's own requeue path: USR1 mid-training -> scontrol requeue -> second run completes.
+    (The models come prepared: the job before proves the job's own preparation.)"""
     submit = tmp_path / "submit"
-    submit.mkdir()
+    assets, args = slurm_tiny_assets
+    assert args == TINY_PREPARE_ARGS, "the job's preparation arguments must match the cached recipe"
+    shutil.copytree(assets, submit / "runs" / "tiny_cpu-tinyrq" / "assets")
     env = {k: v for k, v in _clean_env(EOPD_TINY_PREPARE_ARGS=TINY_PREPARE_ARGS).items() if k.startswith("EOPD_")}
     job_id = slurm_cluster.sbatch(["--job-name=tinyrq", str(SLURM_DIR / "eopd_tiny_cpu.sh"), *TINY_OVERRIDES],
                                   cwd=submit, env=env)

@@ -122,13 +122,11 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Path:
-    """Tiny teacher and student, prepared once (tools/run_tiny.py --prepare-only)."""
-    run_dir = tmp_path_factory.mktemp("prepared")
-    proc = subprocess.run([sys.executable, "tools/run_tiny.py", "--prepare-only", "--run-dir", str(run_dir),
-                           *PREPARE_ARGS], cwd=REPO, env=_job_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir / "assets"
+def assets(slurm_tiny_assets) -> Path:
+    """Tiny teacher and student, prepared once for the session (tests/conftest.py)."""
+    assets_dir, args = slurm_tiny_assets
+    assert args == " ".join(PREPARE_ARGS), "the jobs' preparation arguments must match the cached recipe"
+    return assets_dir
 
 
 def _submit(cluster: LocalSlurm, assets: Path, submit: Path, name: str, *sbatch_args: str,
