@@ -21,29 +21,66 @@
 #   EOPD_DRY_RUN=1  print layout and command, launch nothing
 #   EOPD_TINY_PREPARE_ARGS  (tiny only) extra tools/run_tiny.py flags, e.g. "--teacher-sft-iterations 20"
 #   EOPD_RDZV_PORT  torchrun rendezvous port on the head node (default 20000 + job id % 10000)
+#   EOPD_RDZV_JOIN_TIMEOUT_S  how long torchrun waits for every node to join (default 300)
+#   EOPD_COLLECTIVE_TIMEOUT_S how long a rank waits in one collective before failing (default 600;
+#                   a rank whose peer process died fails at once, this bounds a peer that hangs)
 #   GPUS_PER_NODE   processes per node (default: Slurm's GPU count for the node, else 8)
-#   NCCL_*, OMP_NUM_THREADS, CUDA_DEVICE_MAX_CONNECTIONS: respected when already set.
+#   NCCL_*, GLOO_SOCKET_IFNAME, OMP_NUM_THREADS, CUDA_DEVICE_MAX_CONNECTIONS: respected when set
+#                   (srun passes the whole environment to every node).
+#
+# Several nodes: one srun task per node runs one torchrun, which joins a c10d rendezvous at the head
+# node's address (its Slurm NodeAddr) on EOPD_RDZV_PORT; the run directory and the venv must be on a
+# filesystem every node sees.
 
 eopd_log() { printf '[eopd %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 eopd_die() { printf 'eopd: error: %s\n' "$*" >&2; exit 1; }
 
-# The first host of a Slurm node list ("gpu[07-08,11],cpu3" -> "gpu07").  scontrol knows every
-# form; the bash fallback covers the usual ones where scontrol cannot run (dry runs off-cluster).
-eopd_head_node() {
-    local list=$1 first prefix range
-    first=$(scontrol show hostnames "$list" 2>/dev/null | awk 'NR == 1') || first=""
-    if [[ -z $first ]]; then
-        prefix=${list%%[\[,]*}
-        if [[ ${list:${#prefix}:1} == "[" ]]; then
-            range=${list#"${prefix}["}
-            range=${range%%]*}
-            first=$prefix${range%%[,-]*}
-        else
-            first=$prefix
-        fi
+# The hosts of a Slurm node list, one a line ("gpu[07-08],cpu3" -> gpu07 gpu08 cpu3).  scontrol
+# knows every form; the bash fallback covers prefix[ranges] items where scontrol cannot run (dry
+# runs off-cluster).
+eopd_hostnames() {
+    local list=$1 out
+    if out=$(scontrol show hostnames "$list" 2>/dev/null) && [[ -n $out ]]; then
+        printf '%s\n' "$out"
+        return
     fi
-    [[ -n $first ]] || eopd_die "cannot read a head node from SLURM_JOB_NODELIST='$list'"
+    local -a items=() parts=()
+    local cur="" depth=0 ch k item prefix part lo hi n
+    for ((k = 0; k < ${#list}; k++)); do  # split at the commas outside brackets
+        ch=${list:k:1}
+        [[ $ch == "[" ]] && depth=1
+        [[ $ch == "]" ]] && depth=0
+        if [[ $ch == , && $depth == 0 ]]; then items+=("$cur"); cur=""; else cur+=$ch; fi
+    done
+    items+=("$cur")
+    for item in "${items[@]}"; do
+        if [[ $item =~ ^([^][]*)\[([0-9,-]+)\]$ ]]; then
+            prefix=${BASH_REMATCH[1]}
+            IFS=, read -r -a parts <<<"${BASH_REMATCH[2]}"
+            for part in "${parts[@]}"; do
+                lo=${part%-*} hi=${part#*-}
+                for ((n = 10#$lo; n <= 10#$hi; n++)); do printf '%s%0*d\n' "$prefix" "${#lo}" "$n"; done
+            done
+        elif [[ -n $item ]]; then
+            printf '%s\n' "$item"
+        fi
+    done
+}
+
+# The first host of a Slurm node list ("gpu[07-08,11],cpu3" -> "gpu07").
+eopd_head_node() {
+    local first
+    first=$(eopd_hostnames "$1" | awk 'NR == 1')
+    [[ -n $first ]] || eopd_die "cannot read a head node from SLURM_JOB_NODELIST='$1'"
     printf '%s\n' "$first"
+}
+
+# The address the other nodes reach NODE on: its Slurm NodeAddr (the name itself where scontrol
+# cannot say, e.g. dry runs off-cluster, or where NodeAddr is the name).
+eopd_node_addr() {
+    local node=$1 addr
+    addr=$(scontrol show node "$node" 2>/dev/null | sed -n 's/^ *NodeAddr=\([^ ]*\).*/\1/p' | head -n 1) || addr=""
+    printf '%s\n' "${addr:-$node}"
 }
 
 # Shell-quoted, space-separated: a command line that can be pasted back into a shell.
@@ -129,6 +166,11 @@ eopd_main() {
     ((threads > 0)) || threads=1
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
     export PYTHONUNBUFFERED=1
+    # A rank blocked in a collective on a peer that hangs fails after this (the trainer reads it).
+    export EOPD_COLLECTIVE_TIMEOUT_S=${EOPD_COLLECTIVE_TIMEOUT_S:-600}
+    local join_timeout=${EOPD_RDZV_JOIN_TIMEOUT_S:-300}
+    _eopd_is_posint "$join_timeout" || eopd_die "EOPD_RDZV_JOIN_TIMEOUT_S='$join_timeout' is not a positive integer"
+    _eopd_is_posint "$EOPD_COLLECTIVE_TIMEOUT_S" || eopd_die "EOPD_COLLECTIVE_TIMEOUT_S='$EOPD_COLLECTIVE_TIMEOUT_S' is not a positive integer"
     if [[ $mode == cluster ]]; then
         # Megatron's TP communication overlap needs kernels queued in issue order.
         export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
@@ -140,7 +182,7 @@ eopd_main() {
     fi
 
     # -- commands ---------------------------------------------------------------------------------
-    local head="" port=""
+    local head="" head_addr="" port=""
     # The trainer's configuration: preset, run directory, (tiny) the prepared assets, then the user's.
     local -a config=(--config "$preset" "run.dir=$RUN_DIR")
     if [[ $mode == tiny ]]; then
@@ -158,28 +200,37 @@ eopd_main() {
     # Since Slurm 22.05 a step no longer inherits the job's --cpus-per-task: pass it on.
     [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && srun_cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     srun_cmd+=(--open-mode=append --output="$RUN_DIR/logs/train-%j-node%n.log")
-    local -a prepare=() launch
-    if [[ $mode == cluster ]]; then
+    local -a prepare=() launch node_cmd
+    if [[ $mode == cluster || $nnodes -gt 1 ]]; then
+        # One torchrun per node, all joining a rendezvous hosted by the head node's torchrun.
         head=$(eopd_head_node "$nodelist")
+        head_addr=$(eopd_node_addr "$head")
         port=${EOPD_RDZV_PORT:-$((20000 + _EOPD_JOB_ID % 10000))}
-        launch=("${srun_cmd[@]}" "$torchrun" --nnodes="$nnodes" --nproc_per_node="$nproc"
-            --rdzv_id="$_EOPD_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$head:$port" "${trainer[@]}")
+        _eopd_is_posint "$port" || eopd_die "EOPD_RDZV_PORT='$port' is not a port number"
+        node_cmd=("$torchrun" --nnodes="$nnodes" --nproc_per_node="$nproc"
+            --rdzv_id="$_EOPD_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$head_addr:$port"
+            --rdzv_conf=join_timeout="$join_timeout" "${trainer[@]}")
     else
+        node_cmd=("$torchrun" --standalone --nnodes=1 --nproc_per_node=1 "${trainer[@]}")
+    fi
+    launch=("${srun_cmd[@]}" "${node_cmd[@]}")
+    if [[ $mode == tiny ]]; then
         # EOPD_TINY_PREPARE_ARGS: extra run_tiny.py flags, e.g. smaller SFT budgets for smoke tests.
         local -a prepare_extra=()
         read -r -a prepare_extra <<<"${EOPD_TINY_PREPARE_ARGS:-}"
         prepare=("$py" tools/run_tiny.py --prepare-only --run-dir "$RUN_DIR" "${prepare_extra[@]}")
-        launch=("${srun_cmd[@]}" "$torchrun" --standalone --nnodes=1 --nproc_per_node=1 "${trainer[@]}")
     fi
 
     # -- 1. who and where ---------------------------------------------------------------------------
     eopd_log "job ${_EOPD_JOB_ID} ($job_name), restart ${SLURM_RESTART_COUNT:-0}, preset $preset, mode $mode"
-    eopd_log "nodes: $nnodes ($nodelist), processes per node: $nproc, world size: $world_size${head:+, rendezvous $head:$port}"
+    eopd_log "nodes: $nnodes ($nodelist), processes per node: $nproc, world size: $world_size${head:+, rendezvous $head ($head_addr:$port)}"
     eopd_log "repository: $EOPD_HOME, python: $py${venv:+ (venv $venv)}"
     eopd_log "run directory: $RUN_DIR ($resume_note)"
     eopd_log "env: OMP_NUM_THREADS=$OMP_NUM_THREADS${NCCL_DEBUG:+ NCCL_DEBUG=$NCCL_DEBUG}" \
         "${CUDA_DEVICE_MAX_CONNECTIONS:+CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS}" \
-        "${TORCH_NCCL_ASYNC_ERROR_HANDLING:+TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING}"
+        "${TORCH_NCCL_ASYNC_ERROR_HANDLING:+TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING}" \
+        "${GLOO_SOCKET_IFNAME:+GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME}" "${NCCL_SOCKET_IFNAME:+NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME}" \
+        "EOPD_COLLECTIVE_TIMEOUT_S=$EOPD_COLLECTIVE_TIMEOUT_S"
 
     local rc=0
     if [[ $dry_run != 1 ]]; then
@@ -210,6 +261,16 @@ eopd_main() {
     echo "===== launch command ====="
     ((${#prepare[@]} == 0)) || printf 'prepare: %s\n' "$(_eopd_quote "${prepare[@]}")"
     printf 'launch: %s\n' "$(_eopd_quote "${launch[@]}")"
+    # What srun starts on each node: the same torchrun everywhere; the rendezvous assigns node ranks
+    # (0..nnodes-1, in join order) and global ranks node_rank*nproc .. +nproc-1.
+    local -a hosts=()
+    mapfile -t hosts < <(eopd_hostnames "$nodelist")
+    ((${#hosts[@]} == nnodes)) || hosts=()
+    local i
+    for ((i = 0; i < ${#hosts[@]}; i++)); do
+        printf 'node %s: %s (%s)%s: %s\n' "$i" "${hosts[i]}" "$(eopd_node_addr "${hosts[i]}")" \
+            "$([[ ${hosts[i]} == "$head" ]] && echo ', hosts the rendezvous')" "$(_eopd_quote "${node_cmd[@]}")"
+    done
     echo "===== end of launch command ====="
     if [[ $dry_run == 1 ]]; then
         eopd_log "EOPD_DRY_RUN=1: nothing launched"

@@ -1,15 +1,17 @@
 #!/bin/bash
-# The tiny_cpu preset on one CPU node: the whole pipeline (rollouts, teacher scoring, EOPD update,
+# The tiny_cpu preset on CPU nodes: the whole pipeline (rollouts, teacher scoring, EOPD update,
 # checkpoint, HF export) in minutes, as a smoke test of a cluster's Slurm set-up and of this repo.
 #   sbatch slurm/eopd_tiny_cpu.sh [section.key=value ...]     e.g. train.iterations=2
+#   sbatch --nodes=2 slurm/eopd_tiny_cpu.sh ...               one rank per node, DP = 2 over gloo
 #   EOPD_DRY_RUN=1 bash slurm/eopd_tiny_cpu.sh ...            print layout and launch command only
 # First `tools/run_tiny.py --prepare-only` builds (or reuses) the synthetic data, teacher and student in
-# the run directory; then one srun step runs `torchrun --standalone --nproc_per_node=1`, so the trainer
-# sees the same RANK/WORLD_SIZE/MASTER_ADDR contract as on the GPU clusters and the step is signalled,
-# logged and requeued exactly like theirs.
+# the run directory; then one srun step runs one torchrun per node with one rank each: on one node
+# `torchrun --standalone`, on several a c10d rendezvous at the head node's address, as on the GPU
+# clusters.  Each node starts its own vLLM engine; the step is signalled, logged and requeued exactly
+# like the GPU launchers'.  Several nodes need the run directory and the venv on a shared filesystem.
 #SBATCH --job-name=eopd-tiny
 #SBATCH --nodes=1
-#SBATCH --ntasks=1
+#SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=2
 #SBATCH --time=01:00:00
 #SBATCH --requeue

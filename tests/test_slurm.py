@@ -148,13 +148,14 @@ def test_cluster_dry_run_layout_and_command(tmp_path, name, nnodes, extra, nproc
     assert f"--output={run_dir}/logs/train-%j-node%n.log" in srun
     assert torchrun == [
         f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv_id=4242", "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=gpu07:{port}", "tools/train_eopd.py", "--config", preset, f"run.dir={run_dir}",
+        f"--rdzv_endpoint=gpu07:{port}", "--rdzv_conf=join_timeout=300", "tools/train_eopd.py", "--config", preset, f"run.dir={run_dir}",
         *overrides,
     ]
     env_line = next(line for line in out.splitlines() if "] env: " in line)
     assert f"OMP_NUM_THREADS={64 // nproc}" in env_line and "CUDA_DEVICE_MAX_CONNECTIONS=1" in env_line
     assert f"NCCL_DEBUG={extra.get('NCCL_DEBUG', 'WARN')}" in env_line
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in env_line
+    assert "EOPD_COLLECTIVE_TIMEOUT_S=600" in env_line
     assert not run_dir.exists(), "a dry run must not create the run directory"
 
 
@@ -185,6 +186,38 @@ def test_tiny_dry_run(tmp_path):
                         "--config", "tiny_cpu", f"run.dir={run_dir}", f"student.hf_dir={run_dir}/assets/student_base",
                         f"teacher.hf_dir={run_dir}/assets/teacher", *TINY_OVERRIDES]
     assert not run_dir.exists(), "a dry run must not create the run directory"
+
+
+def test_tiny_dry_run_on_two_nodes_uses_the_head_nodes_rendezvous(tmp_path):
+    """With --nodes=2 the tiny job runs one torchrun per node joined at the head node, not --standalone."""
+    res = _run_script(SLURM_DIR / "eopd_tiny_cpu.sh", list(TINY_OVERRIDES), cwd=tmp_path,
+                      **_fake_job_env(tmp_path, 2, job_id=77, SLURM_CPUS_PER_TASK="2", EOPD_RDZV_JOIN_TIMEOUT_S="60"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    srun, torchrun = _split_torchrun(_command(res.stdout))
+    assert "--nodes=2" in srun and "--ntasks=2" in srun and "--ntasks-per-node=1" in srun
+    assert torchrun[:6] == ["--nnodes=2", "--nproc_per_node=1", "--rdzv_id=77", "--rdzv_backend=c10d",
+                            "--rdzv_endpoint=gpu07:20077", "--rdzv_conf=join_timeout=60"], torchrun
+    nodes = [line for line in res.stdout.splitlines() if line.startswith("node ")]
+    assert [line.split(": ")[1] for line in nodes] == ["gpu07 (gpu07), hosts the rendezvous", "gpu08 (gpu08)"], nodes
+
+
+@pytest.mark.parametrize("nodelist,hosts", [
+    ("gpu07", ["gpu07"]),
+    ("gpu[07-09]", ["gpu07", "gpu08", "gpu09"]),
+    ("a[1,3-4],b7,c[010-011]", ["a1", "a3", "a4", "b7", "c010", "c011"]),
+])
+def test_hostlist_expansion_without_scontrol(tmp_path, nodelist, hosts):
+    """The launchers' fallback where scontrol cannot run (a PATH without it)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("awk",):
+        if shutil.which(tool):
+            (bindir / tool).symlink_to(shutil.which(tool))
+    res = subprocess.run([shutil.which("bash"), "-c", f"source {SLURM_DIR}/common.sh; eopd_hostnames '{nodelist}'; "
+                          f"echo head=$(eopd_head_node '{nodelist}')"],
+                         env={"PATH": str(bindir)}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [*hosts, f"head={hosts[0]}"]
 
 
 # --- bad input ----------------------------------------------------------------------------------------
@@ -240,6 +273,12 @@ def test_outside_slurm_without_dry_run(tmp_path):
 def test_bad_gpu_count(tmp_path):
     res = _run_script(SLURM_DIR / "eopd_4b.sh", cwd=tmp_path, **_fake_job_env(tmp_path, 2, GPUS_PER_NODE="eight"))
     assert res.returncode == 1 and "GPUS_PER_NODE" in res.stderr
+
+
+@pytest.mark.parametrize("knob", ["EOPD_COLLECTIVE_TIMEOUT_S", "EOPD_RDZV_JOIN_TIMEOUT_S", "EOPD_RDZV_PORT"])
+def test_bad_timeouts_and_port(tmp_path, knob):
+    res = _run_script(SLURM_DIR / "eopd_4b.sh", cwd=tmp_path, **_fake_job_env(tmp_path, 2, **{knob: "soon"}))
+    assert res.returncode == 1 and knob in res.stderr and "launch:" not in res.stdout
 
 
 # --- a real single-node Slurm ----------------------------------------------------------------------------
@@ -342,10 +381,13 @@ def test_tiny_job_under_sbatch(slurm_cluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_tiny_job_requeued_by_the_launcher_resumes(slurm_cluster, tmp_path):
-    """The launcher's own requeue path: USR1 mid-training -> scontrol requeue -> second run completes."""
+def test_tiny_job_requeued_by_the_launcher_resumes(slurm_cluster, slurm_tiny_assets, tmp_path):
+    """The launcher's own requeue path: USR1 mid-training -> scontrol requeue -> second run completes.
+    (The models come prepared: the job before proves the job's own preparation.)"""
     submit = tmp_path / "submit"
-    submit.mkdir()
+    assets, args = slurm_tiny_assets
+    assert args == TINY_PREPARE_ARGS, "the job's preparation arguments must match the cached recipe"
+    shutil.copytree(assets, submit / "runs" / "tiny_cpu-tinyrq" / "assets")
     env = {k: v for k, v in _clean_env(EOPD_TINY_PREPARE_ARGS=TINY_PREPARE_ARGS).items() if k.startswith("EOPD_")}
     job_id = slurm_cluster.sbatch(["--job-name=tinyrq", str(SLURM_DIR / "eopd_tiny_cpu.sh"), *TINY_OVERRIDES],
                                   cwd=submit, env=env)
@@ -372,3 +414,25 @@ def test_tiny_job_requeued_by_the_launcher_resumes(slurm_cluster, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert rows and rows[-1]["iteration"] >= TINY_ITERATIONS - 1, rows
     assert (run_dir / "final_hf" / "config.json").is_file()
+
+
+# --- the collective timeout the launchers hand to the trainer ------------------------------------------
+
+@pytest.mark.parametrize("raw,want", [(None, 600.0), ("", 600.0), ("45", 45.0), ("2.5", 2.5)])
+def test_collective_timeout_from_the_environment(monkeypatch, raw, want):
+    from megatron_eopd.platform.distributed import COLLECTIVE_TIMEOUT_ENV, collective_timeout_s
+
+    if raw is None:
+        monkeypatch.delenv(COLLECTIVE_TIMEOUT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, raw)
+    assert collective_timeout_s() == want
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-3", "inf", "nan"])
+def test_bad_collective_timeout(monkeypatch, raw):
+    from megatron_eopd.platform.distributed import COLLECTIVE_TIMEOUT_ENV, collective_timeout_s
+
+    monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, raw)
+    with pytest.raises(ValueError, match=COLLECTIVE_TIMEOUT_ENV):
+        collective_timeout_s()

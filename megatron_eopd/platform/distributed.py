@@ -79,11 +79,38 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> Platform:
-    """Initialise the default process group (idempotent) and return the platform description."""
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+COLLECTIVE_TIMEOUT_ENV = "EOPD_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout_s() -> float:
+    """How long a rank waits in one collective: ``$EOPD_COLLECTIVE_TIMEOUT_S`` (the Slurm launchers
+    set it), else 600 s.  A peer process that dies fails the collective at once (its sockets close);
+    this bounds a peer that hangs or a host that vanishes without closing them."""
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV)
+    if raw is None or raw == "":
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or math.isinf(value):
+        # A ConfigError: the trainer's command line reports it in one line, exit 2, before any rank waits.
+        from megatron_eopd.config import ConfigError
+
+        raise ConfigError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
+    return value
+
+
+def init_distributed(device: str = "auto", timeout_s: Optional[float] = None) -> Platform:
+    """Initialise the default process group (idempotent) and return the platform description.
+
+    ``timeout_s`` (default :func:`collective_timeout_s`) bounds every collective of the run."""
     global _platform
     if _platform is not None:
         return _platform
+    if timeout_s is None:
+        timeout_s = collective_timeout_s()
     rank, world_size, local_rank = _rank_env()
     dev = resolve_device(device)
     if dev.type == "cuda":

@@ -1,4 +1,4 @@
-"""A real, throw-away, single-node Slurm cluster for tests of the ``slurm/`` launch scripts.
+"""A real, throw-away Slurm cluster (one node, or several simulated ones) for tests of ``slurm/``.
 
 ``LocalSlurm`` finds (or, as root with apt, installs) ``munge`` and ``slurm-wlm``, writes a munge key
 and a ``slurm.conf`` into a fresh temporary directory, starts ``munged``, ``slurmctld`` and ``slurmd``
@@ -10,8 +10,16 @@ Everything is private to one instance: its own munge socket (so a system munged,
 run on the same machine, is never touched), free TCP ports, state and spool directories, and a
 ``SLURM_CONF`` that only the commands run through :meth:`LocalSlurm.env` see.
 
-Any step that cannot work here (not root, no apt, a daemon that does not come up) raises
-:class:`SlurmUnavailable` with the reason, for a test to skip on.
+``LocalSlurm(nodes=N)`` with N > 1 simulates N hosts on this machine
+(:class:`megatron_eopd.testing.netns.HostFabric`): every ``slurmd`` runs in its own network and UTS
+namespace (hostname ``eopdn1``, ``eopdn2``, ...) with its own address on a private switch, and
+``slurmctld`` listens in the machine's namespace on the switch's gateway address.  The munge key,
+the configuration and every file are shared, as a cluster's shared filesystem would be.  These nodes
+declare a GPU node's shape (64 CPUs, ``gpu:8``; ``SlurmdParameters=config_overrides``) so that the
+GPU launchers' ``#SBATCH`` headers are accepted as written; nothing can use those GPUs.
+
+Any step that cannot work here (not root, no apt, a daemon that does not come up, no namespaces)
+raises :class:`SlurmUnavailable` with the reason, for a test to skip on.
 """
 
 from __future__ import annotations
@@ -28,12 +36,17 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from megatron_eopd.errors import EOPDError
+from megatron_eopd.testing.netns import HostFabric, NamespacesUnavailable
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "sinfo", "squeue", "scancel", "srun")
 APT_PACKAGES = ("slurm-wlm", "munge")
 # Where Debian puts the daemons; root's PATH normally has them, a test runner's may not.
 _EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin")
+
+# What the simulated nodes of a multi-node cluster declare (see the module docstring).
+SIMULATED_CPUS = 64
+SIMULATED_GPUS = 8
 
 # Job states after which a job will not run again by itself.
 FINAL_STATES = frozenset(
@@ -114,13 +127,20 @@ class JobInfo:
 class LocalSlurm:
     """``with LocalSlurm() as cluster: cluster.sbatch(...)``; see the module docstring."""
 
-    def __init__(self, install: bool = True, start_timeout_s: float = 60.0):
+    def __init__(self, install: bool = True, start_timeout_s: float = 60.0, nodes: int = 1):
+        if nodes < 1:
+            raise ValueError(f"a cluster needs at least one node, got nodes={nodes}")
         self.install = install and os.environ.get("EOPD_SLURM_NO_INSTALL") != "1"
         self.start_timeout_s = start_timeout_s
         self.install_seconds: Optional[float] = None  # None: was already installed
         self.startup_seconds: Optional[float] = None
-        self.node = socket.gethostname().split(".")[0]
-        self.cpus = os.cpu_count() or 1
+        # slurmctld checks that it runs on SlurmctldHost: the machine's own name, in every mode.
+        self.controller = socket.gethostname().split(".")[0]
+        self.multi_node = nodes > 1
+        self.nodes = [f"eopdn{i + 1}" for i in range(nodes)] if self.multi_node else [self.controller]
+        self.node = self.nodes[0]
+        self.cpus = SIMULATED_CPUS if self.multi_node else (os.cpu_count() or 1)
+        self.fabric: Optional[HostFabric] = None
         self.workdir: Optional[Path] = None
         self.bin: dict[str, str] = {}
         self._procs: dict[str, subprocess.Popen] = {}
@@ -161,20 +181,37 @@ class LocalSlurm:
         self.workdir = Path(tempfile.mkdtemp(prefix="eopd-slurm-"))
         for sub in ("munge", "state", "spool", "log"):
             (self.workdir / sub).mkdir(mode=0o700)
+        if self.multi_node:
+            self.fabric = HostFabric(self.nodes)
+            try:
+                self.fabric.open()
+            except NamespacesUnavailable as exc:
+                raise SlurmUnavailable(f"cannot simulate {len(self.nodes)} hosts: {exc}") from None
         self._start_munged()
         self._write_slurm_conf()
         self._spawn("slurmctld", [self.bin["slurmctld"], "-D", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", [self.bin["slurmd"], "-D", "-N", self.node, "-f", str(self.conf)])
+        for node in self.nodes:
+            cmd = [self.bin["slurmd"], "-D", "-N", node, "-f", str(self.conf)]
+            self._spawn(self._slurmd_name(node), self.fabric.command(node, cmd) if self.fabric else cmd)
         self._wait_idle()
         self.startup_seconds = time.monotonic() - t0
-        _log(f"node {self.node} idle; daemons started in {self.startup_seconds:.1f} s (dir {self.workdir})")
+        _log(f"nodes {','.join(self.nodes)} idle; daemons started in {self.startup_seconds:.1f} s "
+             f"(dir {self.workdir})")
+
+    def _slurmd_name(self, node: str) -> str:
+        return f"slurmd-{node}" if self.multi_node else "slurmd"
+
+    def address(self, node: str) -> str:
+        """The address other nodes reach ``node`` on."""
+        return self.fabric.address[node] if self.fabric else "127.0.0.1"
 
     def stop(self) -> None:
         if self._procs.get("slurmctld") is not None and self._procs["slurmctld"].poll() is None:
             # Jobs first: their slurmstepd processes are not our children.  Note every process of
             # this cluster's jobs before cancelling, and end any that outlive the cancellation
             # (proctrack/linuxproc can lose track of them when slurmd goes away).
-            job_pids = self._job_pids()
+            # (Multi-node: the namespaces are emptied below, whatever runs in them.)
+            job_pids = set() if self.multi_node else self._job_pids()
             self.run(["scancel", "--quiet", "--partition", "debug"], check=False)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -183,9 +220,9 @@ class LocalSlurm:
                     break
                 time.sleep(0.5)
             self._kill_leftovers(job_pids)
-        for name in reversed(DAEMONS):
-            proc = self._procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
+        for name in reversed(list(self._procs)):  # slurmds, slurmctld, munged
+            proc = self._procs.pop(name)
+            if proc.poll() is not None:
                 continue
             proc.terminate()
             try:
@@ -193,6 +230,8 @@ class LocalSlurm:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        if self.fabric is not None:
+            self.fabric.close()
         if self.workdir is not None and os.environ.get("EOPD_SLURM_KEEP_DIR") != "1":
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -262,10 +301,31 @@ class LocalSlurm:
         ctld_port, slurmd_port = _free_port(), _free_port()
         while slurmd_port == ctld_port:
             slurmd_port = _free_port()
+        ctld_addr = self.fabric.gateway if self.fabric else "127.0.0.1"
+        if self.multi_node:
+            # One line per simulated host; %n keeps each slurmd's files apart.
+            nodes = [f"NodeName={node} NodeAddr={self.address(node)} CPUs={self.cpus} "
+                     f"RealMemory={_real_memory_mib()} Gres=gpu:{SIMULATED_GPUS} State=UNKNOWN"
+                     for node in self.nodes]
+            extra = ["GresTypes=gpu", "SlurmdParameters=config_overrides"]
+            spool, pid_file, log_file = w / "spool" / "%n", w / "slurmd-%n.pid", w / "log" / "slurmd-%n.log"
+            for node in self.nodes:
+                (w / "spool" / node).mkdir(mode=0o700)
+            # Slurm drops a GPU without a device file; empty files stand in for /dev/nvidia*.
+            (w / "dev").mkdir()
+            for i in range(SIMULATED_GPUS):
+                (w / "dev" / f"gpu{i}").touch()
+            (w / "gres.conf").write_text(
+                f"AutoDetect=off\nName=gpu File={w / 'dev'}/gpu[0-{SIMULATED_GPUS - 1}]\n")
+        else:
+            nodes = [f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} "
+                     f"RealMemory={_real_memory_mib()} State=UNKNOWN"]
+            extra = []
+            spool, pid_file, log_file = w / "spool", w / "slurmd.pid", w / "log" / "slurmd.log"
         self.conf.write_text("\n".join([
             "# Written by megatron_eopd.testing.slurm_cluster for one test session.",
             "ClusterName=eopdtest",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldHost={self.controller}({ctld_addr})",
             "SlurmUser=root",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
@@ -273,11 +333,11 @@ class LocalSlurm:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={w / 'state'}",
-            f"SlurmdSpoolDir={w / 'spool'}",
+            f"SlurmdSpoolDir={spool}",
             f"SlurmctldPidFile={w / 'slurmctld.pid'}",
-            f"SlurmdPidFile={w / 'slurmd.pid'}",
+            f"SlurmdPidFile={pid_file}",
             f"SlurmctldLogFile={w / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={w / 'log' / 'slurmd.log'}",
+            f"SlurmdLogFile={log_file}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -293,8 +353,8 @@ class LocalSlurm:
             "KillWait=5",
             "SlurmctldTimeout=30",
             "SlurmdTimeout=60",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={_real_memory_mib()} "
-            "State=UNKNOWN",
+            *extra,
+            *nodes,
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             "",
         ]))
@@ -308,12 +368,13 @@ class LocalSlurm:
                     raise SlurmUnavailable(f"{name} exited (code {proc.returncode}): " + self.log_tail(name))
             res = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
             state = res.stdout.strip() or res.stderr.strip()
-            if state.split() and state.split()[0].rstrip("*") == "idle":
+            states = [s.rstrip("*") for s in state.split()]
+            if len(states) == len(self.nodes) and all(s == "idle" for s in states):
                 return
             time.sleep(0.5)
-        raise SlurmUnavailable(f"node {self.node} not idle after {self.start_timeout_s:.0f} s "
-                               f"(sinfo: {state!r}); slurmd: {self.log_tail('slurmd')}; "
-                               f"slurmctld: {self.log_tail('slurmctld')}")
+        slurmds = "; ".join(f"{name}: {self.log_tail(name)}" for name in self._procs if name.startswith("slurmd"))
+        raise SlurmUnavailable(f"nodes {','.join(self.nodes)} not idle after {self.start_timeout_s:.0f} s "
+                               f"(sinfo: {state!r}); {slurmds}; slurmctld: {self.log_tail('slurmctld')}")
 
     # -- client side -------------------------------------------------------------------------
     def env(self, extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
@@ -346,8 +407,9 @@ class LocalSlurm:
                        exit_code=fields.get("ExitCode", "?"),
                        restarts=int(fields.get("Restarts", "0") or 0), fields=fields)
 
-    def release_requeued(self, job_id: str, timeout_s: float = 120.0) -> JobInfo:
-        """Wait until ``job_id`` is requeued and its first run has left the node, then start it now.
+    def release_requeued(self, job_id: str, timeout_s: float = 120.0, exclude: Sequence[str] = ()) -> JobInfo:
+        """Wait until ``job_id`` is requeued and its first run has left the node, then start it now
+        (on nodes other than ``exclude``: a requeued job that comes back on other hosts).
 
         Slurm holds a requeued job back (``Reason=BeginTime``, about two minutes) partly so the old
         run's step daemons can finish; releasing it earlier can launch the new batch script while
@@ -375,7 +437,10 @@ class LocalSlurm:
                 raise TimeoutError(f"the first run of job {job_id} still has step daemons after {timeout_s:.0f} s")
             time.sleep(0.3)
         time.sleep(max(0.0, requeued_at + 2.0 - time.time()))
-        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        update = ["scontrol", "update", f"JobId={job_id}", "StartTime=now"]
+        if exclude:
+            update.append(f"ExcNodeList={','.join(exclude)}")
+        self.run(update)
         return self.job(job_id)
 
     def wait(self, job_id: str, timeout_s: float, poll_s: float = 1.0) -> JobInfo:
