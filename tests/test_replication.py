@@ -180,6 +180,34 @@ def test_one_seed_and_missing_runs_are_said_plainly(tmp_path):
     assert statuses[0] == "holds in the mean (one seed: spread unknown)"
 
 
+def test_ablation_arms_are_compared_with_the_papers_eopd(tmp_path):
+    values = {("eopd", 1): (0.5, 0.8, [2, 4, 8, 0]), ("eopd", 2): (0.5, 0.8, [2, 4, 8, 0]),
+              ("eopd_tau0.4", 1): (0.6, 0.7, [4, 4, 8, 1]), ("eopd_tau0.4", 2): (0.6, 0.7, [4, 4, 8, 1]),
+              ("opd", 1): (0.4, 0.9, [2, 4, 8, 0]), ("opd", 2): (0.4, 0.9, [2, 4, 8, 0])}
+    fabricate_study(tmp_path, values)
+    summary = write_report(tmp_path)
+    arms = {a["method"]: a for a in summary["ablation"]}
+    assert set(arms) == {"eopd_tau0.4", "opd"}
+    # tau 0.4 gets 2 more samples of problem 0 and one of problem 3 right: +3/32 at Pass@1, and
+    # problem 3 solved at Pass@8 (+1/4), in both seeds.
+    assert arms["eopd_tau0.4"]["pass@1"]["delta"] == pytest.approx(3 / 32)
+    assert arms["eopd_tau0.4"]["pass@8"]["delta"] == pytest.approx(0.25)
+    assert arms["opd"]["pass@8"]["delta"] == pytest.approx(0.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "### Against the paper's EOPD (tau 0.8, top-16)" in report
+    assert "Best at Pass@8: EOPD tau=0.4, +25.0 points above the paper's EOPD in the mean" in report
+
+
+def test_every_method_is_a_valid_trainer_config_with_its_loss():
+    from megatron_eopd.trainer.config import load_train_config
+
+    want = {"opd": (0.8, 16, "off"), "eopd": (0.8, 16, "topk"), "eopd_tau0.4": (0.4, 16, "topk"),
+            "eopd_tau1.6": (1.6, 16, "topk"), "eopd_top32": (0.8, 32, "topk")}
+    for name, (tau, topk, fkl_mode) in want.items():
+        loss = load_train_config("tiny_cpu", list(METHODS[name].overrides)).loss
+        assert (loss.tau, loss.topk, loss.fkl_mode) == (tau, topk, fkl_mode), name
+
+
 def test_study_config_is_checked():
     with pytest.raises(ValueError, match="unknown method"):
         StudyConfig(methods=("opd", "grpo"))
@@ -187,7 +215,8 @@ def test_study_config_is_checked():
         StudyConfig(eval_samples=4)  # k = 8 is reported
     with pytest.raises(ValueError, match="the study sets"):
         StudyConfig(overrides=("train.seed=7",))
-    assert set(METHODS) == {"opd", "eopd", "fkl_only"}
+    assert StudyConfig().methods == ("opd", "eopd", "fkl_only")  # the ablation arms are asked for by name
+    assert set(METHODS) == {"opd", "eopd", "fkl_only", "eopd_tau0.4", "eopd_tau1.6", "eopd_top32"}
 
 
 # --------------------------------------------------------------------------- the shortened study (slow)

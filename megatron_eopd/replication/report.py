@@ -18,7 +18,8 @@ from megatron_eopd.replication.study import METHODS, write_json
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
 PLOT_DIR = "plots"
-COLORS = {"opd": "#0072B2", "eopd": "#D55E00", "fkl_only": "#009E73"}  # Okabe-Ito: colour-blind safe
+COLORS = {"opd": "#0072B2", "eopd": "#D55E00", "fkl_only": "#009E73",  # Okabe-Ito: colour-blind safe
+          "eopd_tau0.4": "#E69F00", "eopd_tau1.6": "#CC79A7", "eopd_top32": "#56B4E9"}
 CURVES = (
     ("student_entropy", "entropy.png", "Student token entropy (nats)",
      "Student token entropy on its own rollouts"),
@@ -295,6 +296,36 @@ def _pass_at_k_interval_table(summary: dict) -> list[str]:
         "smallest detectable: the difference this budget finds with 80% probability.", ""]
 
 
+def _ablation_lines(summary: dict) -> list[str]:
+    """Each other setting against the paper's EOPD, paired by seed, and which is best at Pass@n."""
+    rows_in = summary.get("ablation") or []
+    if not rows_in:
+        return []
+    n = summary["config"]["eval_samples"]
+    rows, best = [], ("EOPD (tau 0.8, top-16)", 0.0, None)
+    for entry in rows_in:
+        label = METHODS[entry["method"]].label
+        cells = [label, fmt_spread(entry["gate_fraction_final"], "pct")]
+        for key in ("pass@1", f"pass@{n}"):
+            iv = entry[key]
+            cells.append(f"{fmt_delta(iv['delta'], 'pct').replace(' points', '')} "
+                         f"[{fmt_delta(iv['low'], 'pct').replace(' points', '')}, "
+                         f"{fmt_delta(iv['high'], 'pct').replace(' points', '')}]: {iv['verdict']}" if iv else "–")
+        rows.append(cells)
+        top = entry[f"pass@{n}"]
+        if top and top["delta"] > best[1]:
+            best = (label, top["delta"], top)
+    lines = ["### Against the paper's EOPD (tau 0.8, top-16)", ""]
+    lines += _table(["setting", "share of tokens H > its tau, final (%)", "Pass@1 − EOPD's (points) [95%]",
+                     f"Pass@{n} − EOPD's (points) [95%]"], rows, ["l", "r", "r", "r"])
+    if best[2] is None:
+        lines += ["", f"No setting beats the paper's EOPD at Pass@{n} in the mean.", ""]
+    else:
+        lines += ["", f"Best at Pass@{n}: {best[0]}, {fmt_delta(best[1], 'pct')} above the paper's EOPD in the mean "
+                  f"({best[2]['verdict']}).", ""]
+    return lines
+
+
 def _results_table(summary: dict) -> list[str]:
     config = summary["config"]
     avg = f"avg@{config['eval_samples']}"
@@ -373,6 +404,7 @@ def render_markdown(summary: dict, plots: dict) -> str:
               "nats on the teacher's entropy). Held-out columns are recomputed from every sample's grade in the "
               f"runs' `eval.json`; Avg@{config['eval_samples']} is the unbiased estimate of Avg@k for every "
               f"k ≤ {config['eval_samples']} and equals Pass@1.", ""]
+    lines += _ablation_lines(summary)
     lines += [f"## {SECTIONS[2]}", ""]
     for key, filename, _, title in CURVES:
         lines += [f"![{title}]({plots[key]})", ""]

@@ -226,43 +226,61 @@ def directions(per_method: dict, config: StudyConfig, runs: Optional[Sequence[di
     return out
 
 
-def paired_seeds(runs: Sequence[dict]) -> list[int]:
-    """Seeds with both an OPD and an EOPD run, in order: the pairs every interval is computed over."""
-    seeds = {m: {r["seed"] for r in runs if r["method"] == m} for m in ("eopd", "opd")}
-    return sorted(seeds["eopd"] & seeds["opd"])
+def paired_seeds(runs: Sequence[dict], a: str = "eopd", b: str = "opd") -> list[int]:
+    """Seeds with a run of both methods, in order: the pairs every interval is computed over."""
+    seeds = {m: {r["seed"] for r in runs if r["method"] == m} for m in (a, b)}
+    return sorted(seeds[a] & seeds[b])
 
 
 def _run_of(runs: Sequence[dict], method: str, seed: int) -> dict:
     return next(r for r in runs if r["method"] == method and r["seed"] == seed)
 
 
-def pass_at_k_interval(runs: Sequence[dict], k: int) -> Optional[dict]:
-    """EOPD minus OPD in per-problem Pass@k, paired by seed, bootstrapped over seeds and problems."""
-    seeds = paired_seeds(runs)
+def pass_at_k_interval(runs: Sequence[dict], k: int, a: str = "eopd", b: str = "opd") -> Optional[dict]:
+    """``a`` minus ``b`` in per-problem Pass@k, paired by seed, bootstrapped over seeds and problems."""
+    seeds = paired_seeds(runs, a, b)
     if not seeds:
         return None
     arrays = {}
-    for method in ("eopd", "opd"):
+    for method in (a, b):
         rows = []
         for seed in seeds:
             run = _run_of(runs, method, seed)
-            if run["problem_ids"] != _run_of(runs, "opd", seed)["problem_ids"]:
-                raise ValueError(f"{run['dir']} was evaluated on other held-out problems than the OPD run of "
+            if run["problem_ids"] != _run_of(runs, b, seed)["problem_ids"]:
+                raise ValueError(f"{run['dir']} was evaluated on other held-out problems than the {b} run of "
                                  f"seed {seed}: the runs cannot be paired (evaluate them on the same split)")
             rows.append(intervals.per_problem_pass_at_k(run["correct_per_problem"], run["samples_per_problem"], k))
         arrays[method] = np.stack(rows)
-    return intervals.paired_interval(arrays["eopd"], arrays["opd"], "higher").to_dict()
+    return intervals.paired_interval(arrays[a], arrays[b], "higher").to_dict()
 
 
-def scalar_interval(runs: Sequence[dict], metric: str, better: str) -> Optional[dict]:
-    """EOPD minus OPD in a per-run quantity, paired by seed, bootstrapped over seeds."""
-    pairs = [(_run_of(runs, "eopd", s)["scalars"].get(metric), _run_of(runs, "opd", s)["scalars"].get(metric))
-             for s in paired_seeds(runs)]
-    pairs = [(e, o) for e, o in pairs if e is not None and o is not None]
+def scalar_interval(runs: Sequence[dict], metric: str, better: str, a: str = "eopd",
+                    b: str = "opd") -> Optional[dict]:
+    """``a`` minus ``b`` in a per-run quantity, paired by seed, bootstrapped over seeds."""
+    pairs = [(_run_of(runs, a, s)["scalars"].get(metric), _run_of(runs, b, s)["scalars"].get(metric))
+             for s in paired_seeds(runs, a, b)]
+    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
     if not pairs:
         return None
-    return intervals.paired_interval(np.array([e for e, _ in pairs]), np.array([o for _, o in pairs]),
+    return intervals.paired_interval(np.array([x for x, _ in pairs]), np.array([y for _, y in pairs]),
                                      better).to_dict()
+
+
+def ablation(runs: Sequence[dict], config: StudyConfig) -> list[dict]:
+    """Every other method against the paper's EOPD (tau 0.8, top-16), paired by seed: held-out Avg@n
+    (= Pass@1) and Pass@n, with the gate fraction each produces."""
+    if not any(r["method"] == "eopd" for r in runs):
+        return []
+    n = config.eval_samples
+    out = []
+    for method in config.methods:
+        if method == "eopd" or not paired_seeds(runs, method, "eopd"):
+            continue
+        out.append({"method": method, "pass@1": pass_at_k_interval(runs, 1, method, "eopd"),
+                    f"pass@{n}": pass_at_k_interval(runs, n, method, "eopd"),
+                    "gate_fraction_final": spread([r["scalars"]["gate_fraction_final"] for r in runs
+                                                   if r["method"] == method])})
+    return out
 
 
 def reference_metrics(study_dir: Path) -> dict:
@@ -311,6 +329,7 @@ def summarize_study(study_dir: Path) -> dict[str, Any]:
         "pass_at_k_curves": pass_curves,
         "references": reference_metrics(study_dir),
         "directions": directions(per_method, config, runs),
+        "ablation": ablation(runs, config),
         "timing": {"study": study_timing, "runs_s": run_seconds,
                    "total_s": run_seconds + sum(study_timing.values())},
         "files": {"study": STUDY_FILE},
