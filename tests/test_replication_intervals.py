@@ -89,3 +89,9 @@ def test_per_run_quantities_resample_seeds_only():
     assert result.num_problems == 1 and result.delta == pytest.approx(np.mean(eopd - opd))
     differences = eopd - opd
     assert differences.min() - 1e-12 <= result.low <= result.high <= differences.max() + 1e-12
+
+
+def test_one_seed_gives_no_verdict_however_narrow_its_interval():
+    eopd = np.full((1, 32), 0.9)
+    result = iv.paired_interval(eopd, eopd - 0.5, "higher", replicates=200)
+    assert result.low == pytest.approx(0.5) and result.verdict == iv.CANNOT_TELL and "one seed" in result.note

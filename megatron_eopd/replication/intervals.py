@@ -34,6 +34,7 @@ HOLDS, REVERSED, CANNOT_TELL = "holds", "reversed", "cannot tell at this budget"
 DEFAULT_REPLICATES = 4000
 DEFAULT_LEVEL = 0.95
 DETECTION_POWER = 0.8
+MIN_SEEDS_FOR_VERDICT = 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class PairedInterval:
     num_seeds: int
     num_problems: int
     replicates: int
+    note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,10 +118,15 @@ def paired_interval(eopd: np.ndarray, opd: np.ndarray, better: Better, *, replic
     standard_error = float(np.std(means, ddof=1))
     z = NormalDist().inv_cdf
     smallest = (z(1 - alpha / 2) + z(DETECTION_POWER)) * standard_error
+    verdict, note = verdict_of(low, high, better), ""
+    if differences.shape[0] < MIN_SEEDS_FOR_VERDICT:
+        # One pair of runs shows nothing of how much another seed would move the difference: its
+        # interval covers the problems drawn, not the training's randomness.
+        verdict, note = CANNOT_TELL, "one seed: the seed-to-seed spread is unknown"
     return PairedInterval(
         delta=float(differences.mean()), low=low, high=high, standard_error=standard_error,
-        smallest_detectable=smallest, verdict=verdict_of(low, high, better), level=level,
-        num_seeds=differences.shape[0], num_problems=differences.shape[1], replicates=replicates,
+        smallest_detectable=smallest, verdict=verdict, level=level, num_seeds=differences.shape[0],
+        num_problems=differences.shape[1], replicates=replicates, note=note,
     )
 
 

@@ -73,7 +73,8 @@ def fmt_interval(interval: Optional[dict], kind: str) -> str:
     unit = " points" if kind == "pct" else ""
     return (f"paired bootstrap ({shape}): {fmt_delta(interval['delta'], kind)}, "
             f"{100 * interval['level']:.0f}% interval [{fmt_delta(interval['low'], kind).replace(' points', '')}, "
-            f"{fmt_delta(interval['high'], kind).replace(' points', '')}]{unit}: **{interval['verdict']}**; "
+            f"{fmt_delta(interval['high'], kind).replace(' points', '')}]{unit}: **{interval['verdict']}**"
+            f"{' (' + interval['note'] + ')' if interval.get('note') else ''}; "
             f"smallest effect this budget detects (80% power): {fmt(interval['smallest_detectable'], kind)}{unit}")
 
 
