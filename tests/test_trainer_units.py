@@ -520,7 +520,7 @@ def test_the_fleet_returns_cached_gpu_memory_before_an_engine_starts_or_wakes(ta
         assert events == [("release", "cpu")]  # before the engine was created
         engine = fleet.engine
         monkeypatch.setattr(engine, "wake_up", lambda: events.append("wake_up"))
-        monkeypatch.setattr(fleet.syncer, "sync", lambda chunks: events.append("sync"))
+        monkeypatch.setattr(fleet.syncer, "sync", lambda chunks, **options: events.append("sync"))
         fleet.wake_up()
         fleet.sync([])
         assert events[1:] == [("release", "cpu"), "wake_up", ("release", "cpu"), "sync"]
