@@ -21,8 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eopd.replication.study import (  # noqa: E402
+    ABLATION_METHODS,
     DEFAULT_EVAL_PROBLEMS,
     DEFAULT_ITERATIONS,
+    DEFAULT_METHODS,
     DEFAULT_SEEDS,
     METHODS,
     StudyConfig,
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-dir", type=Path, default=None,
                    help="study directory (default runs/replication, or runs/replication-quick with --quick)")
     p.add_argument("--methods", type=_names, default=None,
-                   help=f"comma-separated, of {', '.join(METHODS)} (default: all three)")
+                   help=f"comma-separated, of {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; the "
+                        f"tau / top-k ablation: {','.join(ABLATION_METHODS)})")
     p.add_argument("--seeds", type=_int_list, default=None,
                    help=f"comma-separated seeds (default {','.join(map(str, DEFAULT_SEEDS))})")
     p.add_argument("--iterations", type=int, default=None,

@@ -91,9 +91,15 @@ def bootstrap_means(differences: np.ndarray, *, replicates: int, seed: int) -> n
     rng = np.random.default_rng(seed)
     seed_draws = rng.integers(0, seeds, size=(replicates, seeds))
     problem_draws = rng.integers(0, problems, size=(replicates, problems))
-    seed_counts = np.stack([np.bincount(row, minlength=seeds) for row in seed_draws]).astype(np.float64)
-    problem_counts = np.stack([np.bincount(row, minlength=problems) for row in problem_draws]).astype(np.float64)
+    seed_counts, problem_counts = _draw_counts(seed_draws, seeds), _draw_counts(problem_draws, problems)
     return np.einsum("bs,sp,bp->b", seed_counts, d, problem_counts) / (seeds * problems)
+
+
+def _draw_counts(draws: np.ndarray, size: int) -> np.ndarray:
+    """How often each of ``size`` indices was drawn, per replicate (row) of ``draws``."""
+    counts = np.zeros((draws.shape[0], size), dtype=np.float64)
+    np.add.at(counts, (np.arange(draws.shape[0])[:, None], draws), 1.0)
+    return counts
 
 
 def paired_interval(eopd: np.ndarray, opd: np.ndarray, better: Better, *, replicates: int = DEFAULT_REPLICATES,

