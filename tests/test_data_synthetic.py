@@ -31,6 +31,27 @@ def test_problems_are_deterministic_distinct_and_the_splits_disjoint():
     assert task.format_problem([3, 5, 2, 7]) == "Add 3, 5, 2 and 7."
 
 
+def test_the_long_task_is_a_named_source_with_longer_chains_and_its_own_disjoint_split():
+    from megatron_eopd.data import DataError, load_prompt_records
+
+    train = load_prompt_records(task.LONG_SOURCE, split="train")
+    test = load_prompt_records(task.LONG_SOURCE, split="test", limit=300)
+    assert len(train) == 4096 and len(test) == 300
+    counts = {len(task.parse_problem(r)) for r in train + test}
+    assert counts == {6, 7, 8}  # every length of the long task occurs, none of the default's
+    assert {r.source for r in train + test} == {task.LONG_SOURCE}
+    assert not ({tuple(sorted(task.parse_problem(r))) for r in train}
+                & {tuple(sorted(task.parse_problem(r))) for r in test})
+    for record in test[:50]:
+        assert record.answer == str(sum(task.parse_problem(record)))
+        assert task.is_valid_solution(record, task.sample_solution(record, random.Random(0)))
+    # The default source is unchanged by the registry.
+    assert load_prompt_records(task.SOURCE, split="test", limit=5) == task.generate_problems(5, split="test")
+    with pytest.raises(DataError, match="unknown synthetic task 'synthetic:arith-hard'; known: synthetic:arith, "
+                                        "synthetic:arith-long"):
+        load_prompt_records("synthetic:arith-hard")
+
+
 def test_sampled_paths_are_valid_varied_and_end_in_the_boxed_answer():
     record = task.generate_problems(1, seed=5)[0]
     rng = random.Random(0)

@@ -7,6 +7,7 @@ scores, and the tool end to end on a smoke budget with the transformers sampler.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -24,18 +25,22 @@ class ScriptedRun(TinyRun):
     """A TinyRun whose SFT rounds only record how far they trained and whose validation reads a script:
     the gate logic, not the training, is under test here."""
 
-    def __init__(self, run_dir: Path, scores: dict[int, float]):
-        super().__init__(run_dir, log=lambda line: None)
+    def __init__(self, run_dir: Path, scores: dict[int, float], task: str = tiny.SOURCE):
+        super().__init__(run_dir, task=task, log=lambda line: None)
         self.scores = scores
         self.trained_to: list[int] = []
+        self.sft_sources: list[str] = []
+        self.validated_on: list[str] = []
 
     def _sft(self, overrides: list[str], iterations: int) -> None:
         work = Path(next(o for o in overrides if o.startswith("run.dir=")).split("=", 1)[1])
         (work / "final_hf").mkdir(parents=True, exist_ok=True)
         (work / "final_hf" / "iterations").write_text(str(iterations))
         self.trained_to.append(iterations)
+        self.sft_sources.append(next(o for o in overrides if o.startswith("data.source=")).split("=", 1)[1])
 
-    def validate(self, model_dir: Path) -> float:
+    def validate(self, model_dir: Path, task: str = tiny.SOURCE) -> float:
+        self.validated_on.append(task)
         return self.scores[int((model_dir / "iterations").read_text())]
 
 
@@ -64,6 +69,23 @@ def test_a_gate_not_reached_within_its_budget_is_an_error(tmp_path):
     with pytest.raises(PreparationError, match=r"validation Avg@4 0.900 after 300 SFT iterations, below its gate 0.95"):
         _prepare(tmp_path, {100: 0.5, 200: 0.8, 300: 0.9}, gate)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_long_task_trains_its_teacher_on_long_chains_and_keeps_make_runs_student_base(tmp_path):
+    """Issue 23's regime: the teacher is SFT'd and gated on the long task, the student base on the default one."""
+    teacher = ScriptedRun(tmp_path / "t", {1000: 0.3, 1250: 0.7}, task=tiny.LONG_SOURCE)
+    made = teacher._prepare_model("teacher", tmp_path / "t" / "out", teacher.plan["teacher"][1])
+    assert made["iterations"] == 1250 and set(teacher.sft_sources) == set(teacher.validated_on) == {tiny.LONG_SOURCE}
+    student = ScriptedRun(tmp_path / "s", {700: 0.35}, task=tiny.LONG_SOURCE)
+    student._prepare_model("student", tmp_path / "s" / "out", student.plan["student"][1])
+    assert set(student.sft_sources) == set(student.validated_on) == {tiny.SOURCE}
+    recipe = teacher._recipe()
+    assert recipe["task"] == tiny.LONG_SOURCE and recipe["teacher"]["sft_task"] == tiny.LONG_SOURCE
+    assert recipe["student"] == {"sft_task": tiny.SOURCE, **dataclasses.asdict(tiny.STUDENT_GATE)}
+    # The default task's recipe is what it was before tasks had names (cached assets stay valid).
+    assert TinyRun(tmp_path)._recipe() == {"seed": 1, "teacher": dataclasses.asdict(tiny.TEACHER_GATE),
+                                           "student": dataclasses.asdict(tiny.STUDENT_GATE)}
+    assert tiny.LONG_TEACHER_GATE.ceiling <= 0.8  # the teacher must leave room: Avg@64 at most 0.8
 
 
 def test_the_default_gates_and_validation_problems():

@@ -75,11 +75,11 @@ def load_prompt_records(
 def _synthetic_records(source: str, split: str, limit: Optional[int]) -> List[PromptRecord]:
     from megatron_eopd.data import synthetic
 
-    if source != synthetic.SOURCE:
-        raise DataError(f"unknown synthetic task {source!r}; known: {synthetic.SOURCE!r}")
+    if source not in synthetic.TASKS:
+        raise DataError(f"unknown synthetic task {source!r}; known: {', '.join(synthetic.TASKS)}")
     if split not in ("train", "test"):
         raise DataError(f"{source}: split must be 'train' or 'test', got {split!r}")
-    return synthetic.task_records(split, n=limit)
+    return synthetic.task_records(split, n=limit, source=source)
 
 
 def _field(row: Dict[str, Any], key: str, where: str) -> str:

@@ -16,6 +16,7 @@ iterations to reach 0.43; with the running-total form and distinct digits a 2-la
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -28,6 +29,7 @@ from megatron_eopd.data.prompts import PromptRecord
 from megatron_eopd.data.qwen3_templates import EMPTY_THINK, ENDOFTEXT, EVAL_SUFFIX, IM_END, IM_START, TRAIN_SUFFIX
 
 SOURCE = "synthetic:arith"
+LONG_SOURCE = "synthetic:arith-long"
 MIN_OPERANDS = 4
 MAX_OPERANDS = 5
 MAX_OPERAND = 9  # operands are distinct digits 0..MAX_OPERAND
@@ -303,7 +305,40 @@ def make_task_model(out_dir: Union[str, Path], *, role: ModelRole, seed: int = 0
     )
 
 
-def task_records(split: Split = "train", *, n: Optional[int] = None, seed: int = 0) -> List[PromptRecord]:
-    """The records ``load_prompt_records("synthetic:arith")`` returns: 4096 train or 512 test problems."""
-    default = 4096 if split == "train" else 512
-    return generate_problems(default if n is None else n, seed=seed, split=split)
+@dataclasses.dataclass(frozen=True)
+class ArithTask:
+    """One named split of the task: how many distinct digits a problem adds, and the split sizes."""
+
+    source: str
+    min_operands: int
+    max_operands: int
+    description: str
+    train_size: int = 4096
+    test_size: int = 512
+
+
+# The default task (make run, make replicate) and a harder one for the replication's Pass@k curves:
+# six to eight numbers give five to seven running-total steps, so an error anywhere in a longer chain
+# spoils the answer and per-sample accuracy has room below the teacher's Pass@k (issue 23).  Both keep
+# a test split whose operand sets never occur in training.
+TASKS: Dict[str, ArithTask] = {
+    SOURCE: ArithTask(SOURCE, MIN_OPERANDS, MAX_OPERANDS, "sums of 4-5 distinct digits"),
+    LONG_SOURCE: ArithTask(LONG_SOURCE, 6, 8, "sums of 6-8 distinct digits (longer chains)"),
+}
+
+
+def get_task(source: str) -> ArithTask:
+    """The task named ``source``; ValueError naming the known ones otherwise."""
+    if source not in TASKS:
+        raise ValueError(f"unknown synthetic task {source!r}; known: {', '.join(TASKS)}")
+    return TASKS[source]
+
+
+def task_records(split: Split = "train", *, n: Optional[int] = None, seed: int = 0,
+                 source: str = SOURCE) -> List[PromptRecord]:
+    """The records ``load_prompt_records(source)`` returns: the task's train (4096) or test (512) problems."""
+    task = get_task(source)
+    default = task.train_size if split == "train" else task.test_size
+    records = generate_problems(default if n is None else n, seed=seed, split=split,
+                                min_operands=task.min_operands, max_operands=task.max_operands)
+    return [dataclasses.replace(r, source=task.source) for r in records]

@@ -17,7 +17,9 @@ from megatron_eopd.data import load_prompt_records, qwen3_templates
 from megatron_eopd.evaluation import metrics as eval_metrics
 from megatron_eopd.evaluation import runner
 
-HELDOUT = "synthetic_arith_test"  # the benchmark name under which held-out results are stored
+# The benchmark name under which held-out results are stored, whichever synthetic task they come from
+# (the report's settings name the source).
+HELDOUT = "synthetic_arith_test"
 HELDOUT_SOURCE = "synthetic:arith"
 
 
@@ -26,6 +28,7 @@ class HeldoutSettings:
     """How the held-out problems are sampled: the paper's temperature 1.0 / top-p 0.8 by default."""
 
     problems: int = 64
+    source: str = HELDOUT_SOURCE  # which synthetic task's test split (data/synthetic.py TASKS)
     first_problem: int = 0  # index of the first test-split problem used (validation sets start later)
     samples: int = 8
     temperature: float = 1.0
@@ -46,9 +49,9 @@ def evaluate_heldout(model_dir: Path, settings: HeldoutSettings, output: Optiona
     from megatron_eopd.rollout import RolloutConfig, create_rollout_engine
 
     started = time.time()
-    records = load_prompt_records(HELDOUT_SOURCE, split="test",
+    records = load_prompt_records(settings.source, split="test",
                                   limit=settings.first_problem + settings.problems)[settings.first_problem:]
-    benchmark = runner.Benchmark(HELDOUT, f"{HELDOUT_SOURCE} (test split)", records)
+    benchmark = runner.Benchmark(HELDOUT, f"{settings.source} (test split)", records)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     prompts = [tokenizer.encode(qwen3_templates.format_prompt(r.problem, "train"), add_special_tokens=False)
                for r in records]

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-from megatron_eopd.data.synthetic import make_task_model
+from megatron_eopd.data.synthetic import LONG_SOURCE, SOURCE, get_task, make_task_model
 from megatron_eopd.errors import EOPDError
 from megatron_eopd.evaluation.heldout import HELDOUT, HeldoutSettings, evaluate_heldout
 from megatron_eopd.trainer.config import load_train_config
@@ -65,6 +65,18 @@ class QualityGate:
 
 TEACHER_GATE = QualityGate(target=0.95, first_round=1000, round_iterations=250, max_iterations=4000)
 STUDENT_GATE = QualityGate(target=0.30, ceiling=0.50, first_round=700, round_iterations=50, max_iterations=3000)
+# The longer-chain task (issue 23's Pass@k regime): a teacher SFT'd on long chains to a band, so that it
+# solves most samples but not all; the student base is the default task's (make run's), which knows the
+# answer format from 4-5 digit sums but has never continued a chain past five numbers.  Measured on
+# 128 held-out long problems x 64 samples (seed 1): teacher Avg@64 0.66, Pass@64 1.00; student base
+# Avg@64 0.007, Pass@64 0.20.  A student SFT'd on long chains instead sat at Avg@64 ~0.05 with
+# Pass@64 0.81-0.95 whatever its budget (200-400 iterations): lucky samples saturate Pass@64.
+LONG_TEACHER_GATE = QualityGate(target=0.60, ceiling=0.80, first_round=1000, round_iterations=250, max_iterations=5000)
+# Per task, per role: the task the model is SFT'd and validated on, and its gate.
+PREPARATION = {
+    SOURCE: {"teacher": (SOURCE, TEACHER_GATE), "student": (SOURCE, STUDENT_GATE)},
+    LONG_SOURCE: {"teacher": (LONG_SOURCE, LONG_TEACHER_GATE), "student": (SOURCE, STUDENT_GATE)},
+}
 
 
 def preparation_seeds(seed: int) -> dict:
@@ -81,9 +93,11 @@ class TinyRun:
     """
 
     def __init__(self, run_dir: Path, *, seed: int = DEFAULT_SEED, teacher_sft_iterations: int | None = None,
-                 student_sft_iterations: int | None = None, log: Callable[[str], None] = print):
+                 student_sft_iterations: int | None = None, task: str = SOURCE, log: Callable[[str], None] = print):
         self.run_dir = Path(run_dir)
         self.seed = seed
+        self.task = get_task(task).source
+        self.plan = PREPARATION[self.task]
         self.seeds = preparation_seeds(seed)
         self.fixed = {"teacher": teacher_sft_iterations, "student": student_sft_iterations}
         self.log = log
@@ -95,10 +109,17 @@ class TinyRun:
 
     def _recipe(self) -> dict:
         """What the cached assets depend on; a different recipe must not reuse them."""
-        gates = {"teacher": TEACHER_GATE, "student": STUDENT_GATE}
-        return {"seed": self.seed, **{
-            role: ({"fixed_iterations": self.fixed[role]} if self.fixed[role] is not None
-                   else dataclasses.asdict(gates[role])) for role in ("teacher", "student")}}
+        # The default task is not named, so assets prepared before tasks had names still match.
+        named = self.task != SOURCE
+
+        def how(role: str) -> dict:
+            if self.fixed[role] is not None:
+                return {"fixed_iterations": self.fixed[role]}
+            sft_task, gate = self.plan[role]
+            return ({"sft_task": sft_task} if named else {}) | dataclasses.asdict(gate)
+
+        return {"seed": self.seed, **({"task": self.task} if named else {}),
+                **{role: how(role) for role in ("teacher", "student")}}
 
     def _check_manifest(self) -> dict:
         path = self.assets / MANIFEST
@@ -117,8 +138,8 @@ class TinyRun:
         """Teacher and student base, each made once and kept in the run directory; returns the manifest."""
         manifest = self._check_manifest()
         manifest["recipe"] = self._recipe()
-        for role, out_dir, gate in (("teacher", self.teacher_dir, TEACHER_GATE),
-                                    ("student", self.student_base_dir, STUDENT_GATE)):
+        for role, out_dir in (("teacher", self.teacher_dir), ("student", self.student_base_dir)):
+            gate = self.plan[role][1]
             if out_dir.is_dir() and role in manifest:
                 continue
             what = "the teacher" if role == "teacher" else "the student base"
@@ -133,7 +154,9 @@ class TinyRun:
         init = make_task_model(self.assets / f"{role}_init", role=role, seed=seed)
         work = self.assets / f"{role}_sft"
         shutil.rmtree(work, ignore_errors=True)  # an interrupted preparation starts over: rounds must match
-        overrides = [f"student.hf_dir={init}", f"run.dir={work}", f"train.seed={seed}"] + SFT_SETTINGS
+        sft_task = self.plan[role][0]
+        overrides = [f"student.hf_dir={init}", f"run.dir={work}", f"train.seed={seed}", f"data.source={sft_task}"]
+        overrides += SFT_SETTINGS
         overrides += STUDENT_END if role == "student" else []
         if self.fixed[role] is not None:
             iterations = self.fixed[role]
@@ -147,7 +170,7 @@ class TinyRun:
         while True:
             iterations += gate.first_round if not rounds and gate.first_round else gate.round_iterations
             self._sft(overrides, iterations)
-            score = self.validate(work / "final_hf")
+            score = self.validate(work / "final_hf", sft_task)
             rounds.append({"iterations": iterations, "validation_avg": score})
             self.log(f"  {role} after {iterations} SFT iterations: validation Avg@{EVAL_SAMPLES} {score:.3f} "
                      f"(gate {gate.target:.2f}" + (f"-{gate.ceiling:.2f})" if gate.ceiling < 1 else ")"))
@@ -175,9 +198,9 @@ class TinyRun:
         ])
         train(config)
 
-    def validate(self, model_dir: Path) -> float:
+    def validate(self, model_dir: Path, task: str = SOURCE) -> float:
         """Validation Avg@4: test-split problems no report uses, other samples than the report's."""
-        settings = HeldoutSettings(problems=VALIDATION_PROBLEMS, first_problem=VALIDATION_FIRST,
+        settings = HeldoutSettings(problems=VALIDATION_PROBLEMS, first_problem=VALIDATION_FIRST, source=task,
                                    samples=EVAL_SAMPLES, top_p=EVAL_TOP_P, seed=VALIDATION_SEED)
         return evaluate_heldout(model_dir, settings)["metrics"][HELDOUT][f"avg@{EVAL_SAMPLES}"]
 
@@ -186,6 +209,7 @@ class TinyRun:
     def distil_config(self, overrides: list[str]):
         """The EOPD run's config (checked: call it before preparing, so bad overrides fail first)."""
         return load_train_config("tiny_cpu", [f"run.dir={self.run_dir}", f"train.seed={self.seeds['eopd']}",
+                                              f"data.source={self.task}",
                                               f"student.hf_dir={self.student_base_dir}",
                                               f"teacher.hf_dir={self.teacher_dir}", *overrides])
 
@@ -197,7 +221,8 @@ class TinyRun:
 
     def evaluate(self, model_dir: Path, label: str, *, engine: str = "hf") -> dict:
         """Avg@k and Pass@k of sampled answers on held-out problems, sampled as the paper evaluates."""
-        settings = HeldoutSettings(problems=EVAL_PROBLEMS, samples=EVAL_SAMPLES, top_p=EVAL_TOP_P, engine=engine)
+        settings = HeldoutSettings(problems=EVAL_PROBLEMS, samples=EVAL_SAMPLES, top_p=EVAL_TOP_P, engine=engine,
+                                   source=self.task)
         metrics = evaluate_heldout(model_dir, settings)["metrics"][HELDOUT]
         out = {"model": str(model_dir), "avg_at_k": metrics[f"avg@{EVAL_SAMPLES}"],
                "pass_at_k": metrics[f"pass@{EVAL_SAMPLES}"], "k": EVAL_SAMPLES, "problems": EVAL_PROBLEMS}
