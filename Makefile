@@ -8,7 +8,7 @@ STAMP := $(VENV)/.eopd-installed
 PYTEST_ARGS ?=
 REPLICATE_ARGS ?=
 
-.PHONY: venv test run replicate bench smoke-qwen3 clean test-mcore-latest test-gpu gpu-wheels gpu-check test-gpu-twin
+.PHONY: venv test run replicate replicate-long bench smoke-qwen3 clean test-mcore-latest test-gpu gpu-wheels gpu-check test-gpu-twin
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ run: $(STAMP)
 # settings of 2026-12-02, about twice that with today's tiny_cpu preset, not re-measured).
 replicate: $(STAMP)
 	$(PY) tools/replicate.py $(REPLICATE_ARGS)
+
+# The harder study of longer chains (Pass@k curves to k = 64); the tau / top-k ablation is
+# REPLICATE_ARGS="--methods opd,eopd_tau0.4,eopd,eopd_tau1.6,eopd_top32".
+replicate-long: $(STAMP)
+	$(PY) tools/replicate.py --task synthetic:arith-long $(REPLICATE_ARGS)
 
 bench: $(STAMP)
 	$(PY) tools/bench_loss.py

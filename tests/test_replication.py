@@ -215,6 +215,10 @@ def test_study_config_is_checked():
         StudyConfig(eval_samples=4)  # k = 8 is reported
     with pytest.raises(ValueError, match="the study sets"):
         StudyConfig(overrides=("train.seed=7",))
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        StudyConfig(task="synthetic:arith-hard")
+    with pytest.raises(ValueError, match="the study sets"):
+        StudyConfig(overrides=("data.source=synthetic:arith-long",))  # the task is the study's own option
     assert StudyConfig().methods == ("opd", "eopd", "fkl_only")  # the ablation arms are asked for by name
     assert set(METHODS) == {"opd", "eopd", "fkl_only", "eopd_tau0.4", "eopd_tau1.6", "eopd_top32"}
 
@@ -317,3 +321,57 @@ def test_quick_study_report_follows_edited_files_and_rerun_skips(quick_study, tm
     assert proc.stdout.count("finished earlier, skipped") == 3
     proc = _replicate("--study-dir", str(study), *QUICK_ARGS, "--iterations", "5", timeout=120)
     assert proc.returncode == 2 and "other settings" in proc.stderr
+
+
+def test_the_long_task_option_sets_its_sampling_and_reaches_every_run():
+    """--task synthetic:arith-long: 64 samples, Pass@1/8/64, its own directory, the source in every run."""
+    from megatron_eopd.replication.study import StudyPaths, train_overrides
+    from megatron_eopd.trainer.config import load_train_config
+    from megatron_eopd.trainer.tiny import TinyRun
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import replicate
+
+    args = replicate.build_parser().parse_args(["--task", "synthetic:arith-long"])
+    config = replicate.config_from_args(args)
+    assert (config.task, config.eval_samples, config.ks) == ("synthetic:arith-long", 64, (1, 8, 64))
+    assert replicate.default_study_dir(args) == Path("runs/replication-long")
+    smaller = replicate.config_from_args(replicate.build_parser().parse_args(
+        ["--task", "synthetic:arith-long", "--eval-samples", "16"]))
+    assert smaller.ks == (1, 8)  # the k it has samples for
+    default = replicate.config_from_args(replicate.build_parser().parse_args([]))
+    assert (default.task, default.eval_samples, default.ks) == ("synthetic:arith", 8, (1, 4, 8))
+
+    assets = TinyRun(Path("study"), task=config.task)
+    run = load_train_config("tiny_cpu", train_overrides(StudyPaths(Path("study")), assets, config, "eopd", 3))
+    assert run.data.source == "synthetic:arith-long" and run.train.seed == 3
+    assert assets._recipe()["task"] == "synthetic:arith-long"
+    assert "task" not in TinyRun(Path("study"))._recipe()  # the default task's assets keep their recipe
+
+
+def test_room_for_pass_at_k_is_read_from_the_references(tmp_path):
+    """Issue 23's conditions (teacher Avg@n <= 0.8 and Pass@n >= 0.95, student base Pass@n <= 0.8), met or not."""
+    values = {("opd", s): (0.2, 0.5, [4, 4, 4, 4]) for s in (1, 2)}
+    values |= {("eopd", s): (0.2, 0.5, [4, 4, 4, 4]) for s in (1, 2)}
+    fabricate_study(tmp_path, values)
+    (tmp_path / "evals").mkdir()
+
+    def reference(name: str, correct: list[int]) -> None:
+        results = {HELDOUT: [{"id": f"p{p}", "samples": [{"correct": j < c} for j in range(8)]}
+                             for p, c in enumerate(correct)]}
+        (tmp_path / "evals" / f"{name}.json").write_text(json.dumps({"results": results}))
+
+    reference("teacher", [6, 5, 6, 1])  # Avg@8 18/32 = 56.25%, every problem solved
+    reference("student_base", [0, 0, 1, 0])  # Pass@8 25%
+    summary = write_report(tmp_path)
+    room = {(c["model"], c["metric"]): (c["value"], c["met"]) for c in summary["pass_at_k_room"]}
+    assert room[("teacher", "avg@8")] == (pytest.approx(18 / 32), True)
+    assert room[("teacher", "pass@8")] == (pytest.approx(1.0), True)
+    assert room[("student_base", "pass@8")] == (pytest.approx(0.25), True)
+    report = (tmp_path / "report.md").read_text()
+    assert "teacher Avg@8 56.2% (at most 80%: met)" in report and "curves have room on both sides" in report
+
+    reference("teacher", [8, 8, 8, 7])  # a saturated teacher: Avg@8 96.9%
+    summary = write_report(tmp_path)
+    assert [c["met"] for c in summary["pass_at_k_room"]] == [False, True, True]
+    assert "teacher Avg@8 96.9% (at most 80%: NOT met)" in (tmp_path / "report.md").read_text()

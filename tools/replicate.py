@@ -8,7 +8,8 @@ skips finished runs and resumes an interrupted one; ``--report-only`` only rende
 
 Default budget: 3 methods x 5 seeds x 100 iterations plus the models' preparation, under an hour on
 2 idle cores.  ``--quick``: one seed, 3 iterations, 8 problems and short SFT budgets (a few minutes;
-the test suite's version).
+the test suite's version).  ``--task synthetic:arith-long``: the harder study of longer chains, where
+Pass@k is not saturated, with 64 samples per problem and Pass@k curves up to k = 64.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from megatron_eopd.replication.study import (  # noqa: E402
     DEFAULT_ITERATIONS,
     DEFAULT_METHODS,
     DEFAULT_SEEDS,
+    LONG_STUDY,
     METHODS,
     StudyConfig,
 )
+from megatron_eopd.data.synthetic import SOURCE, TASKS  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 # --quick: what the test suite runs; any flag given explicitly wins over these.
@@ -50,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="replicate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--study-dir", type=Path, default=None,
-                   help="study directory (default runs/replication, or runs/replication-quick with --quick)")
+                   help="study directory (default runs/replication, runs/replication-long for the long task; "
+                        "-quick appended with --quick)")
     p.add_argument("--methods", type=_names, default=None,
                    help=f"comma-separated, of {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; the "
                         f"tau / top-k ablation: {','.join(ABLATION_METHODS)})")
@@ -60,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training iterations per run (default {DEFAULT_ITERATIONS})")
     p.add_argument("--eval-problems", type=int, default=None,
                    help=f"held-out problems (default {DEFAULT_EVAL_PROBLEMS})")
-    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out problem")
+    p.add_argument("--task", choices=tuple(TASKS), default=SOURCE,
+                   help="the synthetic task: " + "; ".join(f"{t.source}: {t.description}" for t in TASKS.values()))
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help=f"samples per held-out problem (default 8; {LONG_STUDY['eval_samples']} with the long task)")
+    p.add_argument("--ks", type=_int_list, default=None,
+                   help="the k of the Pass@k table (default 1,4,8; 1,8,64 with the long task; the curves "
+                        "take every power of two up to the samples)")
     p.add_argument("--eval-engine", choices=("hf", "vllm"), default="hf",
                    help="engine of the held-out sampling (hf: no engine start-up, fast for the tiny models)")
     p.add_argument("--teacher-sft-iterations", type=int, default=None,
@@ -76,19 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    values = dict(QUICK) if args.quick else {}
-    for name in ("methods", "seeds", "iterations", "eval_problems", "teacher_sft_iterations",
+    values = dict(LONG_STUDY) if args.task != SOURCE else {}
+    values.update(QUICK if args.quick else {})
+    for name in ("methods", "seeds", "iterations", "eval_problems", "eval_samples", "ks", "teacher_sft_iterations",
                  "student_sft_iterations"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    return StudyConfig(**values, eval_samples=args.eval_samples, eval_engine=args.eval_engine,
-                       overrides=tuple(args.overrides))
+    if "ks" not in values or args.ks is None:  # a smaller sample count keeps only the k it has room for
+        samples = values.get("eval_samples", StudyConfig.eval_samples)
+        values["ks"] = tuple(k for k in values.get("ks", StudyConfig.ks) if k <= samples) or (1,)
+    values["task"] = args.task
+    return StudyConfig(**values, eval_engine=args.eval_engine, overrides=tuple(args.overrides))
+
+
+def default_study_dir(args: argparse.Namespace) -> Path:
+    name = "replication" + ("" if args.task == SOURCE else "-" + args.task.split(":", 1)[1].replace("arith-", ""))
+    return Path("runs") / (name + ("-quick" if args.quick else ""))
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    study_dir = args.study_dir or Path("runs/replication-quick" if args.quick else "runs/replication")
+    study_dir = args.study_dir or default_study_dir(args)
     from megatron_eopd.replication.report import REPORT_FILE, write_report
     from megatron_eopd.replication.study import check_and_record_config, read_study_config, run_study
 

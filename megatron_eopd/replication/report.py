@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_eopd.data.synthetic import SOURCE, TASKS
 from megatron_eopd.replication.results import summarize_study
 from megatron_eopd.replication.study import METHODS, write_json
 
@@ -328,6 +329,21 @@ def _ablation_lines(summary: dict) -> list[str]:
     return lines
 
 
+def _room_lines(summary: dict) -> list[str]:
+    """Whether Pass@k has room to differ: the references against issue 23's conditions."""
+    checks = [c for c in summary.get("pass_at_k_room", []) if c["value"] is not None]
+    if not checks:
+        return []
+    names = {"teacher": "teacher", "student_base": "student base"}
+    parts = [f"{names[c['model']]} {c['metric'].replace('avg', 'Avg').replace('pass', 'Pass')} "
+             f"{fmt(c['value'], 'pct')}% ({c['relation']} {100 * c['bound']:.0f}%: {'met' if c['met'] else 'NOT met'})"
+             for c in checks]
+    verdict = ("every condition is met, so Pass@k curves have room on both sides" if all(c["met"] for c in checks)
+               else "not every condition is met: Pass@k is saturated or out of reach at some k, and a verdict "
+                    "there says little")
+    return ["", f"Room for a Pass@k effect: {'; '.join(parts)}. {verdict.capitalize()}.", ""]
+
+
 def _results_table(summary: dict) -> list[str]:
     config = summary["config"]
     avg = f"avg@{config['eval_samples']}"
@@ -382,7 +398,8 @@ def render_markdown(summary: dict, plots: dict) -> str:
         f"({', '.join(map(str, config['seeds']))}) per method, {config['iterations']} iterations each "
         f"({settings.get('prompts_per_iteration', '?')} prompts per iteration, one rollout each), the same student "
         f"base and budget for every run. Held-out evaluation: the first {config['eval_problems']} problems of the "
-        f"synthetic task's test split, {config['eval_samples']} samples each at temperature "
+        f"synthetic task `{config.get('task', 'synthetic:arith')}`'s test split "
+        f"({TASKS[config.get('task', SOURCE)].description}), {config['eval_samples']} samples each at temperature "
         f"{config['eval_temperature']}, top-p {config['eval_top_p']} (the paper's evaluation sampling). "
         f"Recorded compute time of this study: {total_min:.1f} min.",
         "",
@@ -406,6 +423,7 @@ def render_markdown(summary: dict, plots: dict) -> str:
               "nats on the teacher's entropy). Held-out columns are recomputed from every sample's grade in the "
               f"runs' `eval.json`; Avg@{config['eval_samples']} is the unbiased estimate of Avg@k for every "
               f"k ≤ {config['eval_samples']} and equals Pass@1.", ""]
+    lines += _room_lines(summary)
     lines += _ablation_lines(summary)
     lines += [f"## {SECTIONS[2]}", ""]
     for key, filename, _, title in CURVES:

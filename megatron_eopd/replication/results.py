@@ -293,6 +293,23 @@ def reference_metrics(study_dir: Path) -> dict:
     return out
 
 
+# Issue 23's conditions for Pass@k curves with room on both sides, at n samples per problem: the teacher
+# solves most samples but not all and nearly every problem in n; the student base leaves problems unsolved.
+ROOM_CONDITIONS = (("teacher", "avg", "at most", 0.8), ("teacher", "pass", "at least", 0.95),
+                   ("student_base", "pass", "at most", 0.8))
+
+
+def pass_at_k_room(references: dict, samples: int) -> list[dict]:
+    """Each condition of :data:`ROOM_CONDITIONS` read from the references' Avg@n / Pass@n: met or not."""
+    out = []
+    for model, metric, relation, bound in ROOM_CONDITIONS:
+        key = f"{metric}@{samples}"
+        value = references.get(model, {}).get(key)
+        met = None if value is None else (value <= bound if relation == "at most" else value >= bound)
+        out.append({"model": model, "metric": key, "relation": relation, "bound": bound, "value": value, "met": met})
+    return out
+
+
 def summarize_study(study_dir: Path) -> dict[str, Any]:
     """The whole summary, from the study directory's files alone."""
     study_dir = Path(study_dir)
@@ -316,6 +333,7 @@ def summarize_study(study_dir: Path) -> dict[str, Any]:
     timing_path = study_dir / TIMING_FILE
     study_timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     run_seconds = sum(sum(r["timing"].values()) for r in runs)
+    references = reference_metrics(study_dir)
     return {
         "study_dir": str(study_dir),
         "config": config.to_dict(),
@@ -327,7 +345,8 @@ def summarize_study(study_dir: Path) -> dict[str, Any]:
         "per_method": per_method,
         "curves": curves,
         "pass_at_k_curves": pass_curves,
-        "references": reference_metrics(study_dir),
+        "references": references,
+        "pass_at_k_room": pass_at_k_room(references, config.eval_samples),
         "directions": directions(per_method, config, runs),
         "ablation": ablation(runs, config),
         "timing": {"study": study_timing, "runs_s": run_seconds,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from megatron_eopd.data import synthetic
 from megatron_eopd.evaluation import runner
 from megatron_eopd.evaluation.heldout import HELDOUT, HeldoutSettings, evaluate_heldout
 
@@ -39,7 +40,7 @@ DEFAULT_EVAL_PROBLEMS = 128
 DEFAULT_SEEDS = (1, 2, 3, 4, 5)
 # Set by the study for each run (train_overrides); an override of these would break the layout or the budget.
 MANAGED_KEYS = ("run.dir", "student.hf_dir", "teacher.hf_dir", "train.seed", "train.iterations", "loss.fkl_mode",
-                "loss.rkl_mode")
+                "loss.rkl_mode", "data.source")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ METHODS: dict[str, Method] = {
 }
 DEFAULT_METHODS = ("opd", "eopd", "fkl_only")
 ABLATION_METHODS = ("opd", "eopd_tau0.4", "eopd", "eopd_tau1.6", "eopd_top32")
+# The harder study (issue 23): longer chains, so Pass@k is not saturated at k = 8, sampled 64 times per
+# problem for curves up to Pass@64, with the paper's tau / top-k ablation as its arms (OPD is tau = inf);
+# 25 runs of about 3 minutes on 2 cores.  What tools/replicate.py --task synthetic:arith-long starts from.
+LONG_STUDY = dict(task=synthetic.LONG_SOURCE, eval_samples=64, ks=(1, 8, 64), methods=ABLATION_METHODS)
 
 
 @dataclass
@@ -84,12 +89,14 @@ class StudyConfig:
     ``overrides``: ``section.key=value`` for every run's trainer config (after the method's).
     ``final_fraction``: the training diagnostics are reported as means over the first and the last
     ``ceil(final_fraction * iterations)`` iterations of each run.
-    Evaluation: ``eval_problems`` problems of the synthetic task's test split, ``eval_samples``
+    ``task``: the synthetic task (data/synthetic.py TASKS) the models are prepared, distilled and judged on.
+    Evaluation: ``eval_problems`` problems of the task's test split, ``eval_samples``
     samples each at ``eval_temperature`` / ``eval_top_p`` (the paper's 1.0 / 0.8), prompted with
     the training template the tiny models were SFT'd on; one ``eval_seed`` for every model.
     """
 
     methods: tuple[str, ...] = DEFAULT_METHODS
+    task: str = synthetic.SOURCE
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     iterations: int = DEFAULT_ITERATIONS
     eval_problems: int = DEFAULT_EVAL_PROBLEMS
@@ -111,6 +118,7 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        synthetic.get_task(self.task)  # ValueError naming the known tasks
         if not self.methods or not self.seeds:
             raise ValueError("the study needs at least one method and one seed")
         if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
@@ -186,8 +194,8 @@ def check_run_configs(config: StudyConfig) -> None:
     from megatron_eopd.trainer.config import load_train_config
 
     for method in config.methods:
-        load_train_config("tiny_cpu", [f"train.iterations={config.iterations}", *METHODS[method].overrides,
-                                       *config.overrides])
+        load_train_config("tiny_cpu", [f"train.iterations={config.iterations}", f"data.source={config.task}",
+                                       *METHODS[method].overrides, *config.overrides])
 
 
 def check_and_record_config(study_dir: Path, config: StudyConfig) -> None:
@@ -217,7 +225,7 @@ def add_timing(path: Path, key: str, seconds: float) -> None:
 
 
 def heldout_settings(config: StudyConfig) -> HeldoutSettings:
-    return HeldoutSettings(problems=config.eval_problems, samples=config.eval_samples,
+    return HeldoutSettings(problems=config.eval_problems, samples=config.eval_samples, source=config.task,
                            temperature=config.eval_temperature, top_p=config.eval_top_p,
                            max_tokens=config.eval_max_tokens, seed=config.eval_seed, engine=config.eval_engine)
 
@@ -229,6 +237,7 @@ def train_overrides(paths: StudyPaths, assets, config: StudyConfig, method: str,
     """The tiny_cpu preset's overrides for one run: its directory, the shared models, seed, budget, loss."""
     return [f"run.dir={paths.run_dir(method, seed)}", f"student.hf_dir={assets.student_base_dir}",
             f"teacher.hf_dir={assets.teacher_dir}", f"train.seed={seed}", f"train.iterations={config.iterations}",
+            f"data.source={config.task}",
             "logging.tensorboard=false", *METHODS[method].overrides, *config.overrides]
 
 
@@ -251,7 +260,7 @@ def run_study(config: StudyConfig, study_dir: Path, *, log: Callable[[str], None
     check_and_record_config(paths.root, config)
     study_timing = paths.root / TIMING_FILE
 
-    assets = TinyRun(paths.root, teacher_sft_iterations=config.teacher_sft_iterations,
+    assets = TinyRun(paths.root, task=config.task, teacher_sft_iterations=config.teacher_sft_iterations,
                      student_sft_iterations=config.student_sft_iterations)
     if not (assets.teacher_dir.is_dir() and assets.student_base_dir.is_dir()):
         start = time.perf_counter()
