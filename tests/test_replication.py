@@ -375,3 +375,12 @@ def test_room_for_pass_at_k_is_read_from_the_references(tmp_path):
     summary = write_report(tmp_path)
     assert [c["met"] for c in summary["pass_at_k_room"]] == [False, True, True]
     assert "teacher Avg@8 96.9% (at most 80%: NOT met)" in (tmp_path / "report.md").read_text()
+
+
+def test_truncated_share_counts_samples_cut_at_max_tokens():
+    from megatron_eopd.replication.results import truncated_fraction
+
+    rows = [{"samples": [{"finish_reason": "length"}, {"finish_reason": "stop"}]},
+            {"samples": [{"finish_reason": "length"}, {"finish_reason": "length"}]}]
+    assert truncated_fraction(rows) == pytest.approx(0.75)
+    assert truncated_fraction([{"samples": [{"correct": True}]}]) is None  # a report without finish reasons

@@ -341,7 +341,7 @@ def _room_lines(summary: dict) -> list[str]:
     verdict = ("every condition is met, so Pass@k curves have room on both sides" if all(c["met"] for c in checks)
                else "not every condition is met: Pass@k is saturated or out of reach at some k, and a verdict "
                     "there says little")
-    return ["", f"Room for a Pass@k effect: {'; '.join(parts)}. {verdict.capitalize()}.", ""]
+    return ["", f"Room for a Pass@k effect: {'; '.join(parts)}. {verdict[0].upper() + verdict[1:]}.", ""]
 
 
 def _results_table(summary: dict) -> list[str]:
@@ -373,7 +373,8 @@ def _per_run_table(summary: dict) -> list[str]:
     avg = f"avg@{config['eval_samples']}"
     passes = [f"pass@{k}" for k in config["ks"]]
     header = ["run", "iterations", "entropy first → final", "FKL H > tau, final", "share H > tau (%)",
-              f"Avg@{config['eval_samples']} (%)"] + [f"Pass@{k} (%)" for k in config["ks"]] + ["train + eval (min)"]
+              f"Avg@{config['eval_samples']} (%)"] + [f"Pass@{k} (%)" for k in config["ks"]] + [
+              "held-out samples cut at max tokens (%)", "train + eval (min)"]
     rows = []
     for r in summary["runs"]:
         s = r["scalars"]
@@ -381,7 +382,8 @@ def _per_run_table(summary: dict) -> list[str]:
         rows.append([f"[{r['dir']}]({r['dir']}/)", str(len(r["iterations"])),
                      f"{fmt(s['student_entropy_first'], 'nats')} → {fmt(s['student_entropy_final'], 'nats')}",
                      fmt(s["fkl_gated_final"], "nats"), fmt(s["gate_fraction_final"], "pct"), fmt(s[avg], "pct")]
-                    + [fmt(s[p], "pct") for p in passes] + ["–" if minutes is None else f"{minutes:.1f}"])
+                    + [fmt(s[p], "pct") for p in passes] + [fmt(s.get("heldout_truncated"), "pct")]
+                    + ["–" if minutes is None else f"{minutes:.1f}"])
     return _table(header, rows, ["l"] + ["r"] * (len(header) - 1))
 
 

@@ -99,6 +99,8 @@ def read_run(run_dir: Path, method: str, seed: int, config: StudyConfig, study_d
         "gate_fraction_final": final["gate_fraction"],
         "teacher_entropy_final": final["teacher_entropy"],
         **{key: heldout[key] for key in heldout_keys(config)},
+        # Held-out samples cut off at max_tokens: how a student that learned not to stop shows itself.
+        "heldout_truncated": truncated_fraction(graded[HELDOUT]),
     }
     relative = run_dir.relative_to(study_dir) if run_dir.is_relative_to(study_dir) else run_dir
     return {
@@ -111,6 +113,14 @@ def read_run(run_dir: Path, method: str, seed: int, config: StudyConfig, study_d
         "problem_ids": [str(row.get("id")) for row in graded[HELDOUT]],
         "files": {"metrics": str(relative / "metrics.jsonl"), "eval": str(relative / EVAL_FILE)},
     }
+
+
+def truncated_fraction(rows: Sequence[dict]) -> Optional[float]:
+    """Share of samples whose generation hit max_tokens (None where the samples do not say)."""
+    reasons = [sample.get("finish_reason") for row in rows for sample in row["samples"]]
+    if not reasons or any(r is None for r in reasons):
+        return None
+    return sum(r == "length" for r in reasons) / len(reasons)
 
 
 def pass_at_k_curve(heldout: dict) -> dict:
