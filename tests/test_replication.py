@@ -280,7 +280,10 @@ def test_quick_study_numbers_are_recomputed_from_the_run_files(quick_study):
             assert run["scalars"][key] == pytest.approx(value, abs=1e-12), key
         row = per_run[f"[{run['dir']}]({run['dir']}/)"]
         assert row[2] == f"{rows[0]['student_entropy']:.3f} → {rows[-1]['student_entropy']:.3f}"
-        assert row[-2] == f"{100 * heldout['pass@8']:.1f}"
+        assert row[-3] == f"{100 * heldout['pass@8']:.1f}"
+        samples = [s for r in json.loads((run_dir / "eval.json").read_text())["results"][HELDOUT] for s in r["samples"]]
+        cut = sum(s["finish_reason"] == "length" for s in samples) / len(samples)
+        assert row[-2] == f"{100 * cut:.1f}"  # held-out samples cut at max tokens
     teacher = heldout_from_eval(study / "evals" / "teacher.json")
     teacher_row = {row[0]: row for row in table_rows(report, "method")}["teacher"]
     assert teacher_row[-1] == f"{100 * teacher['pass@8']:.1f}"
