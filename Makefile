@@ -34,8 +34,8 @@ run: $(STAMP)
 replicate: $(STAMP)
 	$(PY) tools/replicate.py $(REPLICATE_ARGS)
 
-# The harder study of longer chains (Pass@k curves to k = 64); the tau / top-k ablation is
-# REPLICATE_ARGS="--methods opd,eopd_tau0.4,eopd,eopd_tau1.6,eopd_top32".
+# The harder study of longer chains (Pass@k curves to k = 64); its arms are the tau / top-k ablation
+# (OPD, EOPD tau 0.4 / 0.8 / 1.6, top-32); REPLICATE_ARGS="--methods opd,eopd" runs the two alone.
 replicate-long: $(STAMP)
 	$(PY) tools/replicate.py --task synthetic:arith-long $(REPLICATE_ARGS)
 
