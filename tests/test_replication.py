@@ -344,6 +344,12 @@ def test_the_long_task_option_sets_its_sampling_and_reaches_every_run():
     assert smaller.ks == (1, 8)  # the k it has samples for
     default = replicate.config_from_args(replicate.build_parser().parse_args([]))
     assert (default.task, default.eval_samples, default.ks) == ("synthetic:arith", 8, (1, 4, 8))
+    from megatron_eopd.data.synthetic import TASKS
+    from megatron_eopd.replication.study import STUDY_PRESETS
+
+    for task in TASKS:  # every task --task offers has a study preset, and the preset's fields are StudyConfig's
+        assert replicate.config_from_args(replicate.build_parser().parse_args(["--task", task])).task == task
+    assert set(STUDY_PRESETS) == set(TASKS)
 
     assets = TinyRun(Path("study"), task=config.task)
     run = load_train_config("tiny_cpu", train_overrides(StudyPaths(Path("study")), assets, config, "eopd", 3))

@@ -27,11 +27,11 @@ from megatron_eopd.replication.study import (  # noqa: E402
     DEFAULT_ITERATIONS,
     DEFAULT_METHODS,
     DEFAULT_SEEDS,
-    LONG_STUDY,
     METHODS,
+    STUDY_PRESETS,
     StudyConfig,
 )
-from megatron_eopd.data.synthetic import SOURCE, TASKS  # noqa: E402
+from megatron_eopd.data.synthetic import LONG_SOURCE, SOURCE, TASKS  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 # --quick: what the test suite runs; any flag given explicitly wins over these.
@@ -50,8 +50,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="replicate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Every help text names its own default (several depend on --task), so no formatter appends them.
+    p = argparse.ArgumentParser(prog="replicate", description=__doc__.split("\n\n")[0])
     p.add_argument("--study-dir", type=Path, default=None,
                    help="study directory (default runs/replication, runs/replication-long for the long task; "
                         "-quick appended with --quick)")
@@ -65,14 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-problems", type=int, default=None,
                    help=f"held-out problems (default {DEFAULT_EVAL_PROBLEMS})")
     p.add_argument("--task", choices=tuple(TASKS), default=SOURCE,
-                   help="the synthetic task: " + "; ".join(f"{t.source}: {t.description}" for t in TASKS.values()))
+                   help="the synthetic task: " + "; ".join(f"{t.source}: {t.description}" for t in TASKS.values())
+                   + f" (default {SOURCE})")
     p.add_argument("--eval-samples", type=int, default=None,
-                   help=f"samples per held-out problem (default 8; {LONG_STUDY['eval_samples']} with the long task)")
+                   help=f"samples per held-out problem (default 8; "
+                        f"{STUDY_PRESETS[LONG_SOURCE]['eval_samples']} with the long task)")
     p.add_argument("--ks", type=_int_list, default=None,
-                   help="the k of the Pass@k table (default 1,4,8; 1,8,64 with the long task; the curves "
+                   help=f"the k of the Pass@k table (default {','.join(map(str, StudyConfig.ks))}; "
+                        f"{','.join(map(str, STUDY_PRESETS[LONG_SOURCE]['ks']))} with the long task; the curves "
                         "take every power of two up to the samples)")
     p.add_argument("--eval-engine", choices=("hf", "vllm"), default="hf",
-                   help="engine of the held-out sampling (hf: no engine start-up, fast for the tiny models)")
+                   help="engine of the held-out sampling (default hf: no engine start-up, fast for the tiny models)")
     p.add_argument("--teacher-sft-iterations", type=int, default=None,
                    help="teacher SFT budget (default: the measured one in trainer/tiny.py)")
     p.add_argument("--student-sft-iterations", type=int, default=None,
@@ -86,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    values = dict(LONG_STUDY) if args.task != SOURCE else {}
+    values = dict(STUDY_PRESETS[args.task])
     values.update(QUICK if args.quick else {})
     for name in ("methods", "seeds", "iterations", "eval_problems", "eval_samples", "ks", "teacher_sft_iterations",
                  "student_sft_iterations"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    if "ks" not in values or args.ks is None:  # a smaller sample count keeps only the k it has room for
+    if args.ks is None:  # a smaller sample count keeps only the k it has room for
         samples = values.get("eval_samples", StudyConfig.eval_samples)
         values["ks"] = tuple(k for k in values.get("ks", StudyConfig.ks) if k <= samples) or (1,)
     values["task"] = args.task

@@ -75,8 +75,10 @@ def load_prompt_records(
 def _synthetic_records(source: str, split: str, limit: Optional[int]) -> List[PromptRecord]:
     from megatron_eopd.data import synthetic
 
-    if source not in synthetic.TASKS:
-        raise DataError(f"unknown synthetic task {source!r}; known: {', '.join(synthetic.TASKS)}")
+    try:
+        synthetic.get_task(source)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     if split not in ("train", "test"):
         raise DataError(f"{source}: split must be 'train' or 'test', got {split!r}")
     return synthetic.task_records(split, n=limit, source=source)

@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from megatron_eopd.data import load_prompt_records, qwen3_templates
+from megatron_eopd.data import load_prompt_records, qwen3_templates, synthetic
 from megatron_eopd.evaluation import metrics as eval_metrics
 from megatron_eopd.evaluation import runner
 
 # The benchmark name under which held-out results are stored, whichever synthetic task they come from
 # (the report's settings name the source).
 HELDOUT = "synthetic_arith_test"
-HELDOUT_SOURCE = "synthetic:arith"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +27,7 @@ class HeldoutSettings:
     """How the held-out problems are sampled: the paper's temperature 1.0 / top-p 0.8 by default."""
 
     problems: int = 64
-    source: str = HELDOUT_SOURCE  # which synthetic task's test split (data/synthetic.py TASKS)
+    source: str = synthetic.SOURCE  # which synthetic task's test split (data/synthetic.py TASKS)
     first_problem: int = 0  # index of the first test-split problem used (validation sets start later)
     samples: int = 8
     temperature: float = 1.0

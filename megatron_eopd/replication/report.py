@@ -393,6 +393,7 @@ def render_markdown(summary: dict, plots: dict) -> str:
     window = summary["runs"][0]["window"] if summary["runs"] else 1
     labels = ", ".join(METHODS[m].label for m in config["methods"])
     total_min = summary["timing"]["total_s"] / 60
+    task = config.get("task", SOURCE)  # study.json files older than the task option ran the default task
     lines = [
         "# EOPD replication on the synthetic arithmetic task",
         "",
@@ -400,9 +401,8 @@ def render_markdown(summary: dict, plots: dict) -> str:
         f"({', '.join(map(str, config['seeds']))}) per method, {config['iterations']} iterations each "
         f"({settings.get('prompts_per_iteration', '?')} prompts per iteration, one rollout each), the same student "
         f"base and budget for every run. Held-out evaluation: the first {config['eval_problems']} problems of the "
-        f"synthetic task `{config.get('task', 'synthetic:arith')}`'s test split "
-        f"({TASKS[config.get('task', SOURCE)].description}), {config['eval_samples']} samples each at temperature "
-        f"{config['eval_temperature']}, top-p {config['eval_top_p']} (the paper's evaluation sampling). "
+        f"synthetic task `{task}`'s test split ({TASKS[task].description}), {config['eval_samples']} samples "
+        f"each at temperature {config['eval_temperature']}, top-p {config['eval_top_p']} (the paper's evaluation sampling). "
         f"Recorded compute time of this study: {total_min:.1f} min.",
         "",
         "Numbers are **mean ± std over seeds** (sample standard deviation, n − 1); the per-seed values are in "

@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from megatron_eopd.data import synthetic
 from megatron_eopd.evaluation import runner
@@ -75,10 +75,14 @@ METHODS: dict[str, Method] = {
 }
 DEFAULT_METHODS = ("opd", "eopd", "fkl_only")
 ABLATION_METHODS = ("opd", "eopd_tau0.4", "eopd", "eopd_tau1.6", "eopd_top32")
-# The harder study (issue 23): longer chains, so Pass@k is not saturated at k = 8, sampled 64 times per
-# problem for curves up to Pass@64, with the paper's tau / top-k ablation as its arms (OPD is tau = inf);
-# 25 runs of about 3 minutes on 2 cores.  What tools/replicate.py --task synthetic:arith-long starts from.
-LONG_STUDY = dict(task=synthetic.LONG_SOURCE, eval_samples=64, ks=(1, 8, 64), methods=ABLATION_METHODS)
+# What a study of each task starts from (tools/replicate.py --task), before the command line's values.
+# The default task takes StudyConfig's defaults.  The harder study (issue 23): longer chains, so Pass@k
+# is not saturated at k = 8, sampled 64 times per problem for curves up to Pass@64, with the paper's
+# tau / top-k ablation as its arms (OPD is tau = inf); 25 runs of about 3 minutes on 2 cores.
+STUDY_PRESETS: Dict[str, Dict[str, Any]] = {
+    synthetic.SOURCE: {},
+    synthetic.LONG_SOURCE: dict(eval_samples=64, ks=(1, 8, 64), methods=ABLATION_METHODS),
+}
 
 
 @dataclass

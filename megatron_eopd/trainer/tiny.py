@@ -139,12 +139,11 @@ class TinyRun:
         manifest = self._check_manifest()
         manifest["recipe"] = self._recipe()
         for role, out_dir in (("teacher", self.teacher_dir), ("student", self.student_base_dir)):
-            gate = self.plan[role][1]
             if out_dir.is_dir() and role in manifest:
                 continue
             what = "the teacher" if role == "teacher" else "the student base"
             self.log(f"preparing {what}: SFT on the synthetic task (cached for later runs)")
-            manifest[role] = self._prepare_model(role, out_dir, gate)
+            manifest[role] = self._prepare_model(role, out_dir, self.plan[role][1])
             (self.assets / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         return manifest
 
