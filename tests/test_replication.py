@@ -349,7 +349,9 @@ def test_the_long_task_option_sets_its_sampling_and_reaches_every_run():
 
     for task in TASKS:  # every task --task offers has a study preset, and the preset's fields are StudyConfig's
         assert replicate.config_from_args(replicate.build_parser().parse_args(["--task", task])).task == task
-    assert set(STUDY_PRESETS) == set(TASKS)
+    from megatron_eopd.trainer.tiny import PREPARATION
+
+    assert set(STUDY_PRESETS) == set(TASKS) == set(PREPARATION)  # a new task needs its study and its models
 
     assets = TinyRun(Path("study"), task=config.task)
     run = load_train_config("tiny_cpu", train_overrides(StudyPaths(Path("study")), assets, config, "eopd", 3))

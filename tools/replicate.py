@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the synthetic task: " + "; ".join(f"{t.source}: {t.description}" for t in TASKS.values())
                    + f" (default {SOURCE})")
     p.add_argument("--eval-samples", type=int, default=None,
-                   help=f"samples per held-out problem (default 8; "
+                   help=f"samples per held-out problem (default {StudyConfig.eval_samples}; "
                         f"{STUDY_PRESETS[LONG_SOURCE]['eval_samples']} with the long task)")
     p.add_argument("--ks", type=_int_list, default=None,
                    help=f"the k of the Pass@k table (default {','.join(map(str, StudyConfig.ks))}; "
